@@ -1,0 +1,501 @@
+"""Checkpoints that never lose work: atomic, sharded, resumable on any number of ranks, preemption-aware.
+
+Layout under `checkpoint.ckpt_dir`:
+
+    step_0000100/            a complete checkpoint (published by an atomic rename once every rank has written)
+        model_optim/         torch.distributed.checkpoint (DCP) shards of model and optimizer state
+        train_state.pt       step, scheduler, data position (map-style data: one number for all ranks)
+        rank_00000.pt ...    per-rank RNG states, streaming-data loader state, TransformerEngine FP8 scaling state
+        manifest.json        written last: every file and its size, so a truncated checkpoint is recognised
+    step_0000200.tmp/        being written (or left by a crash): never resumed from
+    final_model/             the portable transformers export (save_final_model=true)
+
+DCP reshards model and optimizer when the number of ranks changes, and the data position of map-style data is a
+global count (see dataset.EpochLoader), so a run saved on N ranks resumes on M with no sample repeated or skipped.
+Streaming data resumes mid-epoch only on the same number of ranks (its loader state is per rank), and the
+`datasets` shuffle buffer's contents are not saved, so up to one buffer of records may be skipped on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from convert import export_hf_model
+from dataset import resolve_path
+from model import is_te_model
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+EXTRA_STATE_SUFFIX = "._extra_state"
+TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+# DCP reports a failure on any rank as CheckpointException, which derives from BaseException, not Exception.
+CHECKPOINT_ERRORS = (Exception, CheckpointException)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says what to do."""
+
+
+class StateDictFlavour(Protocol):
+    """How a parallelism strategy exposes (sharded) model and optimizer state for DCP, and the full model."""
+
+    def get(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]: ...
+
+    def set(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None: ...
+
+    def full_model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
+
+
+class DistributedStateDict:
+    """FSDP2 and DDP state through `torch.distributed.checkpoint.state_dict`.
+
+    It unwraps the model and hands sharded (DTensor) or replicated state to DCP, which writes each shard once and
+    reshards on load.
+    """
+
+    def get(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        return {"model": _without_extra_state(model_state), "optimizer": optim_state}
+
+    def set(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(strict=False),  # `_extra_state` entries travel in the per-rank files
+        )
+
+    def full_model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _without_extra_state(state)
+
+
+class MegatronFSDPStateDict:
+    """Megatron-FSDP state: its state-dict hooks present the flat shard buffers as (uneven) DTensors for DCP."""
+
+    def get(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"model": _without_extra_state(model.state_dict()), "optimizer": optimizer.state_dict()}
+
+    def set(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        model.load_state_dict(state["model"], strict=False)  # `_extra_state` entries travel in the per-rank files
+        optimizer.load_state_dict(state["optimizer"])
+
+    def full_model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from megatron_fsdp.uneven_dtensor import uneven_dtensor_to_full_tensor  # shards may differ in size
+
+        full = {}
+        for name, value in _without_extra_state(model.state_dict()).items():
+            tensor = uneven_dtensor_to_full_tensor(value) if isinstance(value, DTensor) else value
+            full[name.removeprefix("module.")] = tensor.detach().cpu()
+        return full
+
+
+def _without_extra_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if not k.endswith(EXTRA_STATE_SUFFIX)}
+
+
+def _te_extra_states(model: nn.Module) -> dict[str, Any]:
+    """FP8 scaling factors and amax histories of TransformerEngine modules (opaque, per module)."""
+    return {
+        name: module.get_extra_state()
+        for name, module in model.named_modules()
+        if type(module).get_extra_state is not nn.Module.get_extra_state
+    }
+
+
+def _restore_te_extra_states(model: nn.Module, states: dict[str, Any]) -> None:
+    """Give TE modules back their FP8 scaling state (scales and amax histories of delayed scaling).
+
+    TE stores delayed-scaling state as a pickle and, since 2.x, refuses to unpickle it unless
+    NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1. These states come from this recipe's own checkpoint in the user's
+    ckpt_dir, the same files `torch.load` already reads, so the permission is granted here, for this call only.
+    """
+    modules = dict(model.named_modules())
+    previous = os.environ.get(TE_UNSAFE_PICKLE_ENV)
+    os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
+    try:
+        for name, extra in states.items():
+            modules[name].set_extra_state(extra)
+    finally:
+        if previous is None:
+            del os.environ[TE_UNSAFE_PICKLE_ENV]
+        else:
+            os.environ[TE_UNSAFE_PICKLE_ENV] = previous
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Published checkpoints, newest first."""
+    found = []
+    if ckpt_dir.is_dir():
+        for path in ckpt_dir.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def verify_manifest(path: Path) -> str | None:
+    """Why checkpoint `path` is unusable (missing manifest, missing or truncated file), or None if it is whole."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        return "no manifest.json (written last, so the checkpoint was never completed)"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable manifest.json ({exc})"
+    for relative, size in manifest["files"].items():
+        file = path / relative
+        if not file.is_file():
+            return f"{relative} is missing"
+        if file.stat().st_size != size:
+            return f"{relative} has {file.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def _write_manifest(path: Path, step: int, world_size: int) -> None:
+    files = {
+        str(p.relative_to(path)): p.stat().st_size
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"step": step, "world_size": world_size, "written": time.time(), "files": files}
+    tmp = path / f"{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path / MANIFEST)
+
+
+def check_writable(ckpt_dir: Path) -> None:
+    """Fail at start-up, not at the first save, when checkpoints cannot be written."""
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint.ckpt_dir={str(ckpt_dir)!r} is not writable ({exc}). Point checkpoint.ckpt_dir at a "
+            "writable folder, or set checkpoint.ckpt_dir=null to train without checkpoints."
+        ) from exc
+
+
+@dataclass
+class _PendingSave:
+    """An asynchronous save whose files are still being written; published once it completes on every rank."""
+
+    step: int
+    tmp_dir: Path
+    final_dir: Path
+    future: Any
+
+
+class Checkpointer:
+    """Saves, prunes, resumes and exports for one training run; the same object serves every strategy."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        run: Any,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        flavour: StateDictFlavour,
+    ) -> None:
+        ckpt = cfg.checkpoint
+        self.cfg, self.run, self.model, self.optimizer, self.scheduler = cfg, run, model, optimizer, scheduler
+        self.flavour = flavour
+        self.ckpt_dir = Path(ckpt.ckpt_dir) if ckpt.ckpt_dir else None
+        self.save_every = int(ckpt.save_every_n_steps or 0)
+        self.max_checkpoints = ckpt.max_checkpoints
+        self.async_save = bool(ckpt.async_save)
+        self.exit_after = int(ckpt.get("exit_after_n_steps") or 0)
+        self._start_step = 0
+        self.context = run.context
+        self._pending: _PendingSave | None = None
+        self._last_saved_step: int | None = None
+        self._stop_requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request_stop)
+
+    # --- preemption ---------------------------------------------------------------------------------------------
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        logger.warning("Received %s: will save a checkpoint and exit after this step.", signal.Signals(signum).name)
+        self._stop_requested = True
+
+    def _any_rank_stopping(self) -> bool:
+        """Whether any rank received a stop signal (SLURM may signal ranks at different moments)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a CPU (gloo) collective: the GPU is not waited for
+        return bool(flag.item())
+
+    def after_step(self, step: int) -> bool:
+        """Save when due, when preempted or at `exit_after_n_steps`; returns True when training must stop now."""
+        signalled = self._any_rank_stopping()
+        stopping = signalled or bool(self.exit_after and step - self._start_step >= self.exit_after)
+        if self.ckpt_dir is not None and (stopping or (self.save_every and step % self.save_every == 0)):
+            self.save(step, blocking=stopping)
+        if stopping:
+            reason = "a stop signal" if signalled else f"exit_after_n_steps={self.exit_after}"
+            logger.warning("Stopping at step %d after %s; resume with the same command.", step, reason)
+        return stopping
+
+    # --- saving -------------------------------------------------------------------------------------------------
+    def save(self, step: int, blocking: bool = False) -> bool:
+        """Write a checkpoint of `step` atomically; returns False (previous checkpoints intact) if writing failed."""
+        assert self.ckpt_dir is not None
+        self._finish_pending()
+        if self._last_saved_step == step:
+            return True
+        final_dir = self.ckpt_dir / step_dir_name(step)
+        tmp_dir = self.ckpt_dir / f"{final_dir.name}.tmp"
+        started = time.perf_counter()
+        future, error = None, None
+        # Every failure (disk full, quota, I/O) is agreed on by all ranks before anyone moves on, so no rank waits
+        # in a collective the others have left; training then continues from the last good checkpoint.
+        try:
+            if self.context.is_main:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                tmp_dir.mkdir(parents=True)
+        except OSError as exc:
+            error = exc
+        if self._all_ranks_ok(error is None):
+            try:
+                future = self._write(step, tmp_dir, use_async=self.async_save and not blocking)
+            except CHECKPOINT_ERRORS as exc:
+                error = exc
+        if not self._all_ranks_ok(error is None):
+            self._abandon(tmp_dir, step, error)
+            return False
+        self._pending = _PendingSave(step, tmp_dir, final_dir, future)
+        if future is None or blocking:
+            self._finish_pending()
+        logger.info(
+            "Checkpoint of step %d %s in %.1f s.",
+            step,
+            "written" if future is None else "staged (writing in the background)",
+            time.perf_counter() - started,
+        )
+        self._last_saved_step = step
+        return True
+
+    def _write(self, step: int, tmp_dir: Path, use_async: bool) -> Any:
+        """DCP first (its collectives raise on every rank if one rank fails), then the small per-rank files."""
+        state = self.flavour.get(self.model, self.optimizer)
+        shards = str(tmp_dir / "model_optim")
+        future = dcp.async_save(state, checkpoint_id=shards) if use_async else dcp.save(state, checkpoint_id=shards)
+        data_state = self.run.train_stream.state_dict()
+        per_rank = {"rng": _rng_state(), "te_extra_state": _te_extra_states(self.model), "data": data_state}
+        torch.save(per_rank, tmp_dir / f"rank_{self.context.rank:05d}.pt")
+        if self.context.is_main:
+            train_state = {
+                "step": step,
+                "scheduler": self.scheduler.state_dict(),
+                "world_size": self.context.world_size,
+                "data": data_state,
+            }
+            torch.save(train_state, tmp_dir / "train_state.pt")
+        return future if use_async else None
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        flag = torch.tensor([0.0 if ok else 1.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _abandon(self, tmp_dir: Path, step: int, error: BaseException | None) -> None:
+        if self.context.is_main:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        previous = list_checkpoints(self.ckpt_dir)
+        kept = f"the previous checkpoint {previous[0][1].name} is intact" if previous else "no earlier checkpoint"
+        logger.error(
+            "Saving the checkpoint of step %d failed on %s (%s); %s. Training continues; free space or fix the "
+            "storage before the next save.",
+            step,
+            "this rank" if error is not None else "another rank",
+            error,
+            kept,
+        )
+
+    def _finish_pending(self) -> None:
+        """Wait for an in-flight save, then publish it on every rank's word (rename + manifest) and prune."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        error = None
+        try:
+            if pending.future is not None:
+                completion = getattr(pending.future, "upload_completion", pending.future)
+                completion.result()
+        except CHECKPOINT_ERRORS as exc:
+            error = exc
+        if not self._all_ranks_ok(error is None):
+            self._abandon(pending.tmp_dir, pending.step, error)
+            return
+        if self.context.is_main:
+            _write_manifest(pending.tmp_dir, pending.step, self.context.world_size)
+            if pending.final_dir.exists():  # a re-save of the same step (e.g. after resuming): replace it
+                shutil.rmtree(pending.final_dir)
+            os.replace(pending.tmp_dir, pending.final_dir)
+            self._prune()
+        self.context.barrier()
+
+    def _prune(self) -> None:
+        if not self.max_checkpoints:
+            return
+        for step, path in list_checkpoints(self.ckpt_dir)[int(self.max_checkpoints) :]:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("Pruned checkpoint of step %d (max_checkpoints=%d).", step, self.max_checkpoints)
+
+    # --- resuming -----------------------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load the newest complete checkpoint (or the one named) and return the step to continue from."""
+        setting = self.cfg.checkpoint.resume_from_checkpoint
+        if self.ckpt_dir is None:
+            return 0
+        if setting in (False, None):
+            if list_checkpoints(self.ckpt_dir):
+                raise CheckpointError(
+                    f"checkpoint.resume_from_checkpoint=false, but {self.ckpt_dir} holds checkpoints of an earlier "
+                    "run, which this run would mix with and prune. Use another checkpoint.ckpt_dir (or move those "
+                    "away) to start fresh, or resume_from_checkpoint=true to continue that run."
+                )
+            return 0
+        explicit = isinstance(setting, str) and setting.lower() not in ("true", "latest")
+        if explicit:
+            match = STEP_DIR.match(Path(setting).name)
+            if match is None:
+                raise CheckpointError(
+                    f"checkpoint.resume_from_checkpoint={setting!r} is not a step_NNNNNNN checkpoint folder; use true "
+                    "(the newest complete checkpoint in ckpt_dir) or the path of one such folder."
+                )
+            candidates = [(int(match.group(1)), Path(setting))]
+        else:
+            candidates = list_checkpoints(self.ckpt_dir)
+        failures: list[str] = []
+        for step, path in candidates:
+            problem = verify_manifest(path) if self.context.is_main else None
+            problem = _broadcast(problem)
+            if problem is None:
+                try:
+                    self._load(path)
+                    error = None
+                except CHECKPOINT_ERRORS as exc:
+                    error = exc
+                if self._all_ranks_ok(error is None):
+                    logger.info("Resumed from %s (step %d).", path, step)
+                    self._last_saved_step = self._start_step = step
+                    return step
+                problem = f"loading failed ({error})"
+            if explicit:
+                raise CheckpointError(f"checkpoint.resume_from_checkpoint={setting!r} cannot be used: {problem}.")
+            logger.warning("Skipping checkpoint %s: %s.", path, problem)
+            failures.append(f"{path.name}: {problem}")
+        if failures:
+            # Starting over would train from scratch next to (and soon prune) the user's checkpoints: refuse instead.
+            raise CheckpointError(
+                f"No checkpoint in {self.ckpt_dir} could be loaded ({'; '.join(failures)}). Nothing was changed on "
+                "disk. Fix the cause, point checkpoint.ckpt_dir elsewhere to start fresh, or name a checkpoint with "
+                "checkpoint.resume_from_checkpoint=<path>."
+            )
+        return 0
+
+    def _load(self, path: Path) -> None:
+        """Read the small files first, so that most failures happen before any model or optimizer state changes."""
+        train_state = torch.load(path / "train_state.pt", weights_only=False)
+        rank_file = path / f"rank_{self.context.rank:05d}.pt"
+        same_world = train_state["world_size"] == self.context.world_size
+        per_rank = torch.load(rank_file if rank_file.is_file() else path / "rank_00000.pt", weights_only=False)
+        state = self.flavour.get(self.model, self.optimizer)
+        dcp.load(state, checkpoint_id=str(path / "model_optim"))
+        self.flavour.set(self.model, self.optimizer, state)
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        _restore_te_extra_states(self.model, per_rank["te_extra_state"])
+        if same_world:
+            _set_rng_state(per_rank["rng"])
+        self.run.train_stream.load_state_dict(per_rank["data"] if same_world else train_state["data"])
+
+    # --- end of training ----------------------------------------------------------------------------------------
+    def finish(self, step: int, completed: bool) -> None:
+        """Publish any in-flight save; at the end of training save the last step and export the final model."""
+        if self.ckpt_dir is None:
+            return
+        if completed and self._last_saved_step != step:
+            self.save(step, blocking=True)
+        self._finish_pending()
+        if completed and self.cfg.checkpoint.save_final_model:
+            self.export_final_model()
+
+    def export_final_model(self) -> Path:
+        """Write `<ckpt_dir>/final_model`: transformers ESM weights (safetensors), config and tokenizer."""
+        state = self.flavour.full_model_state_dict(self.model)  # a collective: every rank takes part
+        out_dir = self.ckpt_dir / "final_model"
+        if self.context.is_main:
+            unwrapped = getattr(self.model, "module", self.model)
+            export_hf_model(
+                state,
+                unwrapped.config,
+                out_dir,
+                resolve_path(self.cfg.tokenizer),
+                source_format="te" if is_te_model(unwrapped) else "hf",
+                overwrite=True,
+            )
+            logger.info("Exported the final model to %s (load with AutoModelForMaskedLM.from_pretrained).", out_dir)
+        self.context.barrier()
+        return out_dir
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

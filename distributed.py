@@ -1,0 +1,95 @@
+"""Process-group set-up from torchrun's environment (or none, for a plain `python train_*.py`)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in the job and which device it drives."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def uses_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistributedContext:
+    """Join the process group torchrun describes: NCCL for CUDA tensors, gloo for CPU tensors (and CPU-only runs).
+
+    A single process started without torchrun gets a one-rank group on a free local port, so the same FSDP2 and
+    checkpoint code paths run everywhere.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
+    context = DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    logger.info("Rank %d/%d on %s (backend %s).", rank, world_size, device, backend)
+    return context
+
+
+def destroy_distributed() -> None:
+    """Leave the process group once every rank is done (a rank tearing down mid-collective aborts the others)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_process_first(context: DistributedContext) -> Iterator[None]:
+    """Let one process per node build node-local caches (tokenized datasets) before the others read them."""
+    builds_first = context.local_rank == 0
+    if not builds_first:
+        context.barrier()
+    try:
+        yield
+    finally:
+        if builds_first:
+            context.barrier()

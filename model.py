@@ -1,0 +1,148 @@
+"""Choose and build the ESM-2 model: the TransformerEngine one where it can run, else the transformers reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import EsmConfig, EsmForMaskedLM
+
+from precision import build_fp8_recipe
+
+logger = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+USE_TE_CHOICES = ("auto", "true", "false")
+
+
+class ModelConfigError(ValueError):
+    """The model configuration cannot be used; the message says how to fix it."""
+
+
+def shipped_model_tags() -> list[str]:
+    return sorted(p.name for p in MODEL_CONFIG_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def model_directory(model_tag: str) -> Path:
+    """The folder holding `config.json` for `model_tag`: a shipped config name or any transformers ESM directory."""
+    for candidate in (MODEL_CONFIG_DIR / model_tag, Path(model_tag).expanduser()):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ModelConfigError(
+        f"model_tag={model_tag!r} is neither a shipped model config ({', '.join(shipped_model_tags())}) nor a "
+        "directory with a transformers ESM config.json."
+    )
+
+
+def load_model_config(model_tag: str) -> EsmConfig:
+    config = EsmConfig.from_pretrained(model_directory(model_tag))
+    if config.model_type not in ("esm", "nv_esm") or config.is_folding_model:
+        raise ModelConfigError(f"model_tag={model_tag!r} is a {config.model_type!r} config, not an ESM masked LM.")
+    return config
+
+
+def _normalise_use_te(setting: Any) -> str:
+    value = str(setting).lower()
+    if value not in USE_TE_CHOICES:
+        raise ModelConfigError(f"use_te={setting!r} must be one of {USE_TE_CHOICES}.")
+    return value
+
+
+def te_unavailable_reason() -> str | None:
+    """Why the TransformerEngine model cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "transformer_engine is not installed (see README: GPU set-up)"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # a broken install should say why, not crash later
+        return f"transformer_engine failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def resolve_use_te(setting: Any) -> tuple[bool, str]:
+    """Decide between the TE model and the reference; returns (use TE, one-line reason for the log)."""
+    value = _normalise_use_te(setting)
+    if value == "false":
+        return False, "reference transformers EsmForMaskedLM (use_te=false)"
+    reason = te_unavailable_reason()
+    if value == "true" and reason is not None:
+        raise ModelConfigError(
+            f"use_te=true but {reason}. Run on a GPU host with TransformerEngine, or set use_te=auto."
+        )
+    if reason is not None:
+        return False, f"reference transformers EsmForMaskedLM (use_te=auto: {reason})"
+    return (
+        True,
+        "TransformerEngine ESM-2 (use_te=auto: CUDA and transformer_engine available)"
+        if value == "auto"
+        else ("TransformerEngine ESM-2 (use_te=true)"),
+    )
+
+
+def parameter_dtype(cfg: Any, device: torch.device | str) -> torch.dtype:
+    """FP32 weights (BF16 compute via mixed precision) unless `use_fp32_master_weights=false` on a GPU."""
+    on_gpu = torch.device(device).type in ("cuda", "meta") and torch.cuda.is_available()
+    return torch.float32 if cfg.get("use_fp32_master_weights", True) or not on_gpu else torch.bfloat16
+
+
+def build_model(cfg: Any, config: EsmConfig, *, use_te: bool, device: torch.device | str) -> nn.Module:
+    """The masked-LM model on `device` ("meta" defers allocation until after sharding; see `materialize`).
+
+    The TE model is built for the batch layout (`thd` with sequence packing, else `bshd`) and, with FP8 on, gets its
+    recipe here: FP8 covers the transformer layers (or `fp8_layers`), never the embeddings or LM head.
+    """
+    pretrained = bool(cfg.get("pretrained", False))
+    dtype = parameter_dtype(cfg, device)
+    if not use_te:
+        if pretrained:
+            model = EsmForMaskedLM.from_pretrained(model_directory(cfg.model_tag), config=config).to(device)
+        else:
+            with torch.device(device):
+                model = EsmForMaskedLM(config)
+        for param in model.parameters():  # parameters only: the rotary frequencies must stay FP32
+            param.data = param.data.to(dtype)
+        model.esm.contact_head.requires_grad_(False)  # not part of masked-LM training; no optimizer state for it
+        return model
+
+    from modeling_esm_te import NVEsmConfig, NVEsmForMaskedLM
+
+    te_config = NVEsmConfig.from_esm_config(
+        config,
+        attn_input_format="thd" if cfg.get("use_sequence_packing", False) else "bshd",
+        fp8_layers=list(cfg.fp8_layers) if cfg.get("fp8_layers") is not None else None,
+        params_dtype=str(dtype).removeprefix("torch."),
+    )
+    if pretrained:
+        model = NVEsmForMaskedLM.from_hf_checkpoint(model_directory(cfg.model_tag), config=te_config).to(device)
+    else:
+        model = NVEsmForMaskedLM(te_config, device=device)
+    fp8_group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+    model.set_fp8(build_fp8_recipe(cfg), fp8_group=fp8_group)  # amax of delayed scaling reduced over all ranks
+    return model
+
+
+def is_te_model(model: nn.Module) -> bool:
+    return hasattr(model.esm.encoder, "layers")
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks, the unit each parallelism strategy shards or wraps."""
+    encoder = model.esm.encoder
+    return list(encoder.layers if is_te_model(model) else encoder.layer)
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device model's (possibly sharded) storage on `device` and initialise it as ESM-2 does."""
+    model.to_empty(device=device)
+    model.init_weights()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

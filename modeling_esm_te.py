@@ -1,0 +1,480 @@
+"""ESM-2 masked language model built from TransformerEngine layers, matching transformers' ESM (see the notes below).
+
+The encoder is a stack of ``te.TransformerLayer`` (pre-LayerNorm, fused QKV, rotary attention, GELU MLP) that can
+run in FP8; embeddings and the LM head are plain torch modules so that they always stay in BF16/FP32 (FP8 there
+underflows) and follow FSDP mixed precision like any other module. The same class takes padded ``bshd`` batches or
+packed ``thd`` batches, chosen by ``config.attn_input_format``.
+
+Weights convert to and from transformers' ``EsmForMaskedLM`` with ``convert.py``. Differences from transformers that
+remain by design:
+
+* TE's ``"gelu"`` MLP activation is the tanh approximation (its fused kernels, the cuBLAS GELU epilogue and the
+  JIT bias-GELU all use ``0.5x(1+tanh(0.7979x(1+0.0447x²)))``), while ESM uses the exact erf GELU. The two differ by
+  at most 4.7e-4 in absolute value (near |x| = 2.7), about 2e-4 in relative L2 on unit-scale activations: far below
+  BF16 resolution (3.9e-3). In true FP32 it shows as 1.7e-4 (8M) / 3.6e-4 (650M) relative L2 logit error against
+  transformers on an H100; with the GELU flavour matched the rest agrees to ~1e-6. TE offers no erf GELU in
+  ``TransformerLayer``. The LM head's GELU is plain torch and exact.
+* TE runs FP32 GEMMs on TF32 tensor cores (torch's ``allow_tf32`` flags do not apply; ``NVIDIA_TF32_OVERRIDE=0``
+  does), so "FP32" TE logits differ from transformers by ~6e-4 (8M) / ~9e-4 (650M). Training runs in BF16 anyway.
+* transformers scales queries by 1/sqrt(head_dim) before RoPE and uses softmax scale 1; TE applies RoPE to unscaled
+  queries and uses softmax scale 1/sqrt(head_dim). RoPE is linear, so the two are mathematically identical.
+* Attention outputs at padding positions differ (TE masks padded queries too); those positions carry no loss.
+"""
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformer_engine.pytorch as te
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import EsmConfig
+from transformers.modeling_outputs import MaskedLMOutput
+
+from convert import (
+    convert_hf_to_te,
+    load_hf_state_dict,
+    rope_base,
+    rotary_inverse_frequencies,
+    round_up_vocab,
+    te_vocab_rows,
+)
+
+# ESM-2 masked 15% of tokens and replaced 80% of those with <mask>; token dropout rescales embeddings by this ratio.
+MASK_RATIO_TRAIN = 0.15 * 0.8
+IGNORE_INDEX = -100
+PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_INPUT_FORMATS = ("bshd", "thd")
+
+
+class NVEsmConfig(EsmConfig):
+    """``EsmConfig`` plus the TransformerEngine options of :class:`NVEsmForMaskedLM`.
+
+    Attributes:
+        attn_input_format: ``"bshd"`` for padded ``[batch, seq]`` batches, ``"thd"`` for packed sequences with
+            ``cu_seqlens``. TE layers are built for one format, so it is a config option rather than a call argument.
+        fuse_qkv_params: one fused QKV weight per layer (TE's per-head interleaved layout) instead of three.
+        padded_vocab_size: rows of the embedding and LM decoder (real vocab rounded up to a multiple of 64 for
+            tensor cores); None means no padding. Logits are always sliced back to ``vocab_size``.
+        fp8_layers: 1-based layer numbers that run in FP8 once ``set_fp8`` is given a recipe; None means all layers.
+        params_dtype: dtype parameters are created in (``"float32"``, ``"bfloat16"`` or ``"float16"``).
+
+    """
+
+    model_type = "nv_esm"
+
+    attn_input_format: str = "bshd"
+    fuse_qkv_params: bool = True
+    padded_vocab_size: int | None = 64
+    fp8_layers: list[int] | None = None
+    params_dtype: str = "float32"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self._validate_te_options()
+
+    def _validate_te_options(self) -> None:
+        if self.attn_input_format not in ATTN_INPUT_FORMATS:
+            raise ValueError(f"attn_input_format must be one of {ATTN_INPUT_FORMATS}, got {self.attn_input_format!r}")
+        if not isinstance(self.fuse_qkv_params, bool):
+            raise ValueError(f"fuse_qkv_params must be a bool, got {self.fuse_qkv_params!r}")
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"params_dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}")
+        if self.padded_vocab_size is not None:
+            if not isinstance(self.padded_vocab_size, int) or isinstance(self.padded_vocab_size, bool):
+                raise ValueError(f"padded_vocab_size must be an int or None, got {self.padded_vocab_size!r}")
+            if self.vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+                raise ValueError(
+                    f"padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size ({self.vocab_size}); use "
+                    f"{round_up_vocab(self.vocab_size)} (vocab rounded up to a multiple of 64) or None"
+                )
+        if self.fp8_layers is not None:
+            layers = list(self.fp8_layers)
+            valid = range(1, self.num_hidden_layers + 1)
+            if any(isinstance(n, bool) or not isinstance(n, int) or n not in valid for n in layers):
+                raise ValueError(
+                    f"fp8_layers must list 1-based layer numbers in 1..{self.num_hidden_layers}, got {self.fp8_layers}"
+                )
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"fp8_layers lists a layer more than once: {self.fp8_layers}")
+
+    @classmethod
+    def from_esm_config(cls, esm_config: EsmConfig, **te_options: Any) -> "NVEsmConfig":
+        """TE config for a transformers ESM config; ``padded_vocab_size`` defaults to the vocab rounded up to 64."""
+        values = esm_config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version"):
+            values.pop(key, None)
+        values.setdefault("padded_vocab_size", round_up_vocab(esm_config.vocab_size))  # kept if already an NVEsmConfig
+        values.update(te_options)
+        return cls.from_dict(values)
+
+
+def _check_supported_architecture(config: NVEsmConfig) -> None:
+    """Reject ESM variants this implementation does not reproduce (ESM-1 style absolute positions, decoders...)."""
+    if config.position_embedding_type != "rotary":
+        raise ValueError(f"only rotary position embeddings are supported, got {config.position_embedding_type!r}")
+    if config.emb_layer_norm_before:
+        raise ValueError("emb_layer_norm_before=True (ESM-1b) is not supported; ESM-2 has no embedding LayerNorm")
+    if config.is_decoder or config.add_cross_attention:
+        raise ValueError("ESM-2 is an encoder; is_decoder/add_cross_attention must be False")
+    if not config.tie_word_embeddings:
+        raise ValueError("the LM decoder is always tied to the word embeddings; tie_word_embeddings must be True")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size ({config.hidden_size}) must be divisible by "
+            f"num_attention_heads ({config.num_attention_heads})"
+        )
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    """TE layers live on CUDA; None means the current CUDA device (TE would otherwise allocate on the CPU)."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def _normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ESM initialisation for every linear weight, including output projections (no depth scaling)."""
+
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init_
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The locally stored shard of an FSDP2 DTensor (or the tensor itself), for in-place initialisation."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class EsmRotaryEmbedding(te.attention.RotaryPositionEmbedding):
+    """TE's rotary embedding with ``inv_freq`` created on the model's device and kept in float32.
+
+    TE allocates ``inv_freq`` on the current CUDA device whatever the model's device, which would break allocation-free
+    meta construction; and a ``model.to(torch.bfloat16)`` would cast it, after which TE builds the position ramp in
+    BF16, where integers above 256 are not representable.
+    """
+
+    def __init__(self, head_dim: int, base: float, device: torch.device) -> None:
+        super().__init__(head_dim, rotary_base=base)
+        self.inv_freq = rotary_inverse_frequencies(head_dim, base).to(device)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "EsmRotaryEmbedding":
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.inv_freq.float()
+        return self
+
+
+class NVEsmEmbeddings(nn.Module):
+    """Word embeddings with ESM-2's token-dropout rescaling, exactly as transformers computes it."""
+
+    def __init__(self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(
+            te_vocab_rows(config), config.hidden_size, padding_idx=config.pad_token_id, device=device, dtype=dtype
+        )
+        self.token_dropout = bool(config.token_dropout)
+        self.mask_token_id = config.mask_token_id
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embed ``[B, S]`` ids (with optional ``attention_mask``) or packed ``[T]`` ids (with ``cu_seqlens``)."""
+        embeddings = self.word_embeddings(input_ids)
+        if self.token_dropout:
+            is_mask = input_ids == self.mask_token_id
+            embeddings = embeddings.masked_fill(is_mask.unsqueeze(-1), 0.0)
+            if cu_seqlens is None:
+                lengths = attention_mask.sum(-1) if attention_mask is not None else input_ids.shape[-1]
+                observed_ratio = (is_mask.sum(-1).float() / lengths)[:, None, None]
+            else:
+                observed_ratio = self._packed_mask_ratio(is_mask, cu_seqlens)[:, None]
+            embeddings = (embeddings * (1 - MASK_RATIO_TRAIN) / (1 - observed_ratio)).to(embeddings.dtype)
+        if attention_mask is not None:
+            embeddings = (embeddings * attention_mask.unsqueeze(-1)).to(embeddings.dtype)
+        return embeddings
+
+    @staticmethod
+    def _packed_mask_ratio(is_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Per-token masked fraction of its own sequence, computed on device without a host sync."""
+        positions = torch.arange(is_mask.shape[0], device=is_mask.device, dtype=cu_seqlens.dtype)
+        segment = torch.searchsorted(cu_seqlens[1:], positions, right=True)
+        masked = torch.zeros(cu_seqlens.shape[0] - 1, device=is_mask.device, dtype=torch.float32)
+        masked.index_add_(0, segment, is_mask.float())
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1)
+        return (masked / lengths)[segment]
+
+
+class NVEsmEncoder(nn.Module):
+    """The ``te.TransformerLayer`` stack and ESM-2's final LayerNorm; FP8 applies inside this module only."""
+
+    def __init__(self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        init_method = _normal_init(config.initializer_range)
+        # TE defers initialisation only when `device == "meta"` compares equal, which a torch.device never does with a
+        # str; given torch.device("meta") it would materialise every weight on the GPU.
+        te_device = "meta" if device.type == "meta" else device
+        self.layers = nn.ModuleList(
+            te.TransformerLayer(
+                hidden_size=config.hidden_size,
+                ffn_hidden_size=config.intermediate_size,
+                num_attention_heads=config.num_attention_heads,
+                layernorm_epsilon=config.layer_norm_eps,
+                hidden_dropout=config.hidden_dropout_prob or 0.0,
+                attention_dropout=config.attention_probs_dropout_prob or 0.0,
+                init_method=init_method,
+                output_layer_init_method=init_method,
+                layer_number=index + 1,
+                self_attn_mask_type="padding",
+                layer_type="encoder",
+                attn_input_format=config.attn_input_format,
+                fuse_qkv_params=config.fuse_qkv_params,
+                activation="gelu",
+                normalization="LayerNorm",
+                bias=True,
+                params_dtype=dtype,
+                device=te_device,
+            )
+            for index in range(config.num_hidden_layers)
+        )
+        self.emb_layer_norm_after = nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype
+        )
+        self.fp8_layers = None if config.fp8_layers is None else frozenset(config.fp8_layers)
+        self.fp8_recipe: Any = None
+        self.fp8_group: Any = None
+
+    def _layer_precision(self, layer_number: int) -> AbstractContextManager:
+        """Turn FP8 off for layers outside ``config.fp8_layers`` (e.g. the first and last layers)."""
+        if self.fp8_recipe is not None and self.fp8_layers is not None and layer_number not in self.fp8_layers:
+            return te.autocast(enabled=False, recipe=self.fp8_recipe)
+        return nullcontext()
+
+    def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
+        """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
+        with te.autocast(
+            enabled=self.fp8_recipe is not None, recipe=self.fp8_recipe, amax_reduction_group=self.fp8_group
+        ):
+            for layer in self.layers:
+                with self._layer_precision(layer.layer_number):
+                    hidden_states = layer(hidden_states, **layer_kwargs)
+        return self.emb_layer_norm_after(hidden_states)
+
+
+class EsmContactHeadWeights(nn.Module):
+    """ESM-2's contact-regression weights, kept as buffers (never trained here) so checkpoints round-trip exactly."""
+
+    def __init__(self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        features = config.num_hidden_layers * config.num_attention_heads
+        self.register_buffer("regression_weight", torch.empty(1, features, device=device, dtype=dtype))
+        self.register_buffer("regression_bias", torch.empty(1, device=device, dtype=dtype))
+
+
+class NVEsmModel(nn.Module):
+    """ESM-2 encoder: embeddings with token dropout, rotary TE layers, final LayerNorm."""
+
+    def __init__(self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = NVEsmEmbeddings(config, device, dtype)
+        self.rotary_embeddings = EsmRotaryEmbedding(
+            config.hidden_size // config.num_attention_heads, rope_base(config), device
+        )
+        self.encoder = NVEsmEncoder(config, device, dtype)
+        self.contact_head = EsmContactHeadWeights(config, device, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Hidden states ``[B, S, H]`` (bshd) or ``[T, H]`` (thd); see ``NVEsmForMaskedLM.forward`` for inputs."""
+        if self.config.attn_input_format == "thd":
+            if cu_seqlens is None or max_seqlen is None:
+                raise ValueError("attn_input_format='thd' needs cu_seqlens (int32 [n+1]) and max_seqlen (a Python int)")
+            if attention_mask is not None:
+                raise ValueError("packed (thd) batches take cu_seqlens instead of attention_mask; pass one of them")
+            if isinstance(max_seqlen, torch.Tensor):
+                raise TypeError("max_seqlen must be a Python int: reading a device tensor would sync host and device")
+            if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+                raise ValueError(f"packed input_ids must be [1, T] or [T], got shape {tuple(input_ids.shape)}")
+            if cu_seqlens.dtype != torch.int32:
+                raise ValueError(f"cu_seqlens must be int32 (TE's requirement), got {cu_seqlens.dtype}")
+            hidden_states = self.embeddings(input_ids.reshape(-1), cu_seqlens=cu_seqlens)
+            layer_kwargs = {
+                "attention_mask": None,
+                "rotary_pos_emb": self.rotary_embeddings(max_seqlen),
+                "cu_seqlens_q": cu_seqlens,
+                "cu_seqlens_kv": cu_seqlens,
+                "max_seqlen_q": max_seqlen,
+                "max_seqlen_kv": max_seqlen,
+            }
+        else:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens given but config.attn_input_format is 'bshd'; build the model with 'thd'")
+            if input_ids.dim() != 2:
+                raise ValueError(f"bshd input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            hidden_states = self.embeddings(input_ids, attention_mask=attention_mask)
+            layer_kwargs = {"rotary_pos_emb": self.rotary_embeddings(input_ids.shape[1])}
+            if attention_mask is None:
+                layer_kwargs.update(attention_mask=None, self_attn_mask_type="no_mask")
+            else:  # TE wants [B, 1, 1, S] booleans with True = masked out.
+                layer_kwargs["attention_mask"] = ~attention_mask.bool()[:, None, None, :]
+        return self.encoder(hidden_states, **layer_kwargs)
+
+
+class NVEsmLMHead(nn.Module):
+    """ESM-2's LM head: dense -> exact (erf) GELU -> LayerNorm -> decoder tied to the embeddings, plus bias."""
+
+    def __init__(self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden, rows = config.hidden_size, te_vocab_rows(config)
+        self.dense = nn.Linear(hidden, hidden, device=device, dtype=dtype)
+        self.layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps, device=device, dtype=dtype)
+        self.decoder = nn.Linear(hidden, rows, bias=False, device=device, dtype=dtype)
+        self.bias = nn.Parameter(torch.empty(rows, device=device, dtype=dtype))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits over the padded vocabulary."""
+        features = self.layer_norm(F.gelu(self.dense(hidden_states)))
+        return self.decoder(features) + self.bias
+
+
+class NVEsmForMaskedLM(nn.Module):
+    """ESM-2 masked LM on TransformerEngine; weights interchange with transformers' ``EsmForMaskedLM``.
+
+    Build with ``device="meta"`` to allocate nothing, shard (e.g. FSDP2), then ``to_empty(device="cuda")`` and
+    :meth:`init_weights`. Under FSDP2 keep the embeddings and ``lm_head`` in one unit, since their weight is shared.
+    """
+
+    def __init__(self, config: NVEsmConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        _check_supported_architecture(config)
+        self.config = config
+        resolved = _resolve_device(device)
+        dtype = PARAMS_DTYPES[config.params_dtype]
+        self.esm = NVEsmModel(config, resolved, dtype)
+        self.lm_head = NVEsmLMHead(config, resolved, dtype)
+        self.tie_weights()
+        if resolved.type != "meta":
+            self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the decoder weight with the word embeddings (``to_empty`` and sharding replace the Parameters)."""
+        self.lm_head.decoder.weight = self.esm.embeddings.word_embeddings.weight
+
+    def set_fp8(self, recipe: Any, fp8_group: Any = None) -> None:
+        """Run the encoder layers in FP8 with this TE recipe (None: no FP8); embeddings and LM head never use FP8.
+
+        ``fp8_group`` is the process group over which TE reduces FP8 amax statistics (e.g. the data-parallel group).
+        """
+        self.esm.encoder.fp8_recipe = recipe
+        self.esm.encoder.fp8_group = fp8_group
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and persistent buffer in place, as transformers initialises ESM-2.
+
+        Works on whatever device the tensors now live on, including FSDP2 DTensor shards after
+        ``to_empty(device="cuda")``: linear and embedding weights ~ N(0, initializer_range) (output projections
+        included, no depth scaling), biases 0, LayerNorm weights 1, the padding-token row and the padded vocabulary
+        rows of the embedding 0, rotary frequencies recomputed, contact head like a linear layer. Does not touch the
+        FP8 metadata that TE keeps outside parameters.
+        """
+        self.tie_weights()
+        std = self.config.initializer_range
+        for module in self.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if name == "layer_norm_weight" or (isinstance(module, nn.LayerNorm) and name == "weight"):
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    # On an FSDP2 DTensor this is DTensor's random op, which gives every shard its own part of one
+                    # random tensor; drawing into each local shard would repeat the same numbers on every rank.
+                    param.normal_(mean=0.0, std=std)
+        self._zero_unused_embedding_rows()
+
+        rotary = self.esm.rotary_embeddings
+        head_dim = 2 * rotary.inv_freq.shape[0]
+        rotary.inv_freq.copy_(rotary_inverse_frequencies(head_dim, rope_base(self.config)))
+        contact_head = self.esm.contact_head
+        contact_head.regression_weight.normal_(mean=0.0, std=std)
+        contact_head.regression_bias.zero_()
+
+    def _zero_unused_embedding_rows(self) -> None:
+        """Zero the padding-token row (as transformers does) and the rows past the real vocabulary."""
+        weight = self.esm.embeddings.word_embeddings.weight
+        keep = torch.ones(weight.shape, dtype=weight.dtype, device=_local(weight).device)
+        keep[self.config.vocab_size :] = 0
+        if self.config.pad_token_id is not None:
+            keep[self.config.pad_token_id] = 0
+        if isinstance(weight, DTensor):  # Shard the mask exactly like the weight to find the local rows.
+            keep = distribute_tensor(keep, weight.device_mesh, weight.placements).to_local()
+        _local(weight).mul_(keep)
+
+    def load_te_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Strict ``load_state_dict`` that tolerates only missing TE ``_extra_state`` (FP8 metadata) entries."""
+        result = self.load_state_dict(state_dict, strict=False)
+        missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise KeyError(
+                f"state dict does not match NVEsmForMaskedLM: missing {missing[:5]} ({len(missing)} total), "
+                f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)} total)"
+            )
+
+    @classmethod
+    def from_hf_checkpoint(
+        cls,
+        path: str | Path,
+        config: NVEsmConfig | None = None,
+        device: torch.device | str | None = None,
+        **te_options: Any,
+    ) -> "NVEsmForMaskedLM":
+        """Build the TE model from a transformers ESM-2 checkpoint directory (config.json + weights).
+
+        ``config`` defaults to the checkpoint's own config.json; ``te_options`` are ``NVEsmConfig`` fields
+        (``attn_input_format``, ``fuse_qkv_params``, ...) applied on top. The model is built on meta and materialised
+        once, so weights are not initialised only to be overwritten.
+        """
+        base_config = config if config is not None else EsmConfig.from_pretrained(path)
+        config = NVEsmConfig.from_esm_config(base_config, **te_options)
+        te_state = convert_hf_to_te(load_hf_state_dict(path), config)
+        model = cls(config, device="meta")
+        model.to_empty(device=_resolve_device(device))
+        model.tie_weights()
+        model.load_te_state_dict(te_state)
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> MaskedLMOutput:
+        """Masked-LM logits (last dim = real vocab size) and, given labels, the mean cross-entropy in float32.
+
+        bshd: ``input_ids``/``attention_mask``/``labels`` are ``[B, S]``, mask 1 = real token.
+        thd: ``input_ids``/``labels`` are ``[1, T]`` or ``[T]``; ``cu_seqlens`` (int32, on device) has one entry per
+        sequence boundary and ends at T (a trailing padding segment is its own entry); ``max_seqlen`` is a Python int.
+        Labels equal to -100 are ignored. Nothing here reads device values on the host.
+        """
+        hidden_states = self.esm(input_ids, attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        vocab = self.config.vocab_size
+        logits = self.lm_head(hidden_states)[..., :vocab].reshape(*input_ids.shape, vocab)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        return MaskedLMOutput(loss=loss, logits=logits)

@@ -1,0 +1,133 @@
+"""Training metrics: a progress bar on rank 0, a log line per log step, and Weights & Biases when enabled.
+
+Per-step values stay on the device and are summed there; the host reads them (one sync) only at log steps, so the
+training loop never waits for the GPU in between.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from distributed import DistributedContext
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+class PerfLogger:
+    """Collects per-step training metrics and reports window averages every `log_every_n_steps` steps."""
+
+    def __init__(self, cfg: Any, context: DistributedContext, start_step: int = 0) -> None:
+        self.context = context
+        self.log_every = int(cfg.logger.log_every_n_steps)
+        self.total_steps = int(cfg.num_train_steps)
+        self.last_metrics: dict[str, float] = {}
+        self._reset_window(time.perf_counter())
+        self._progress = tqdm(
+            total=self.total_steps,
+            initial=start_step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (context.is_main and cfg.logger.progress_bar),
+            file=sys.stderr,
+        )
+        self._metrics_file = cfg.logger.get("metrics_file") if context.is_main else None
+        self._wandb = None
+        if cfg.wandb.enabled and context.is_main:
+            import wandb  # imported only when enabled: wandb is heavy and may want network access
+
+            self._wandb = wandb.init(
+                project=cfg.wandb.project,
+                name=cfg.wandb.name,
+                mode=cfg.wandb.mode,
+                dir=cfg.wandb.dir,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+
+    def _reset_window(self, now: float) -> None:
+        self._window_start = now
+        self._steps = 0
+        self._loss_sum: torch.Tensor | None = None
+        self._tokens = 0
+        self._padded_tokens = 0
+
+    def log_step(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens: int, padded_tokens: int
+    ) -> dict[str, float] | None:
+        """Record one optimizer step (loss and grad norm as device tensors); returns the metrics at log steps."""
+        loss = loss.detach()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._steps += 1
+        self._tokens += tokens
+        self._padded_tokens += padded_tokens
+        self._progress.update(1)
+        if step % self.log_every != 0 and step != self.total_steps:
+            return None
+
+        mean_loss = reduce_mean(self._loss_sum / self._steps).item()  # the one host-device sync of the window
+        if isinstance(grad_norm, torch.Tensor) and hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        metrics = {
+            "train/loss": mean_loss,
+            "train/perplexity": math.exp(min(mean_loss, 50.0)),
+            "train/grad_norm": float(grad_norm),
+            "train/lr": lr,
+            "train/step_time_s": elapsed / self._steps,
+            "train/tokens_per_s_per_gpu": self._tokens / elapsed,
+            "train/padded_tokens_per_s_per_gpu": self._padded_tokens / elapsed,
+            "train/padding_fraction": 1.0 - self._tokens / max(self._padded_tokens, 1),
+            "train/peak_memory_gib": peak_memory_gib(self.context.device),
+        }
+        self.last_metrics = metrics
+        self._report(step, metrics)
+        self._progress.set_postfix(
+            loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['train/tokens_per_s_per_gpu']:.0f}"
+        )
+        self._reset_window(time.perf_counter())
+        return metrics
+
+    def log_validation(self, step: int, metrics: dict[str, float]) -> None:
+        self.last_metrics.update(metrics)
+        self._report(step, metrics)
+
+    def _report(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.context.is_main:
+            return
+        text = " ".join(f"{name}={value:.4g}" for name, value in metrics.items())
+        self._progress.write(f"step {step}: {text}", file=sys.stderr)
+        if self._metrics_file:
+            with open(self._metrics_file, "a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._progress.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (at log steps only, off the per-step hot path)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values

@@ -1,0 +1,46 @@
+"""Shared test set-up: offline, isolated caches, the recipe folder importable, Hydra configs composable."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE_DIR = Path(__file__).resolve().parents[1]
+SAMPLE_FASTA = RECIPE_DIR / "data" / "sample" / "938293.PRJEB85.HG003687.faa"
+sys.path.insert(0, str(RECIPE_DIR))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep `datasets` caches out of the user's home and independent between test sessions."""
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets_cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(RECIPE_DIR / "tokenizers" / "esm2")
+
+
+def compose(config_name: str = "L0_sanity", overrides: list[str] | None = None):
+    """The Hydra config a command line `--config-name NAME overrides...` would produce."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(RECIPE_DIR / "hydra_config"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+def read_fasta_sequences(limit: int | None = None) -> list[str]:
+    from dataset import read_fasta
+
+    sequences = [record["sequence"].rstrip("*") for record in read_fasta([str(SAMPLE_FASTA)])]
+    return sequences[:limit]

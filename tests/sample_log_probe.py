@@ -1,0 +1,76 @@
+"""Run a real training entrypoint with test instrumentation (for subprocess and torchrun tests).
+
+    [torchrun --nproc_per_node=2] tests/sample_log_probe.py OUT_DIR ENTRYPOINT [hydra overrides...]
+
+Writes OUT_DIR/rank{RANK}.json with the CRC32 of every training sequence the rank's collator received, in order.
+Validation and data-loader workers are off unless overridden later on the command line, so every collated batch is
+a training batch of this process. Fault injection, through environment variables:
+  PROBE_KILL_AT_PUBLISH=N   SIGKILL this process while the checkpoint of step N is written but not yet published
+  PROBE_FAIL_SAVE=N         make writing the checkpoint of step N fail as a full disk would (ENOSPC)
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import compose
+
+import checkpoint
+from collator import BSHDCollator, THDCollator
+
+
+def record_samples(seen: list[int]) -> None:
+    for collator_class in (BSHDCollator, THDCollator):
+        collate = collator_class.__call__
+
+        def recording_collate(self, samples, collate=collate):
+            seen.extend(zlib.crc32(bytes(sample["input_ids"])) for sample in samples)
+            return collate(self, samples)
+
+        collator_class.__call__ = recording_collate
+
+
+def inject_faults() -> None:
+    kill_step = int(os.environ.get("PROBE_KILL_AT_PUBLISH", -1))
+    fail_step = int(os.environ.get("PROBE_FAIL_SAVE", -1))
+    write_manifest, write = checkpoint._write_manifest, checkpoint.Checkpointer._write
+
+    def killing_write_manifest(path, step, world_size):
+        if step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write_manifest(path, step, world_size)
+
+    def failing_write(self, step, tmp_dir, use_async):
+        if step == fail_step:
+            (tmp_dir / "partial.bin").write_bytes(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, step, tmp_dir, use_async)
+
+    checkpoint._write_manifest = killing_write_manifest
+    checkpoint.Checkpointer._write = failing_write
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)  # what Hydra's job logging would show
+    out_dir, entrypoint, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    seen: list[int] = []
+    record_samples(seen)
+    inject_faults()
+    overrides = ["dataset.num_workers=0", "validation.every_n_steps=0", "logger.progress_bar=false", *overrides]
+    importlib.import_module(entrypoint).main(compose("L0_sanity", overrides))
+    (out_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main()

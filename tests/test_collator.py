@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+from conftest import read_fasta_sequences
+
+from collator import CANONICAL_AMINO_ACIDS, IGNORE_INDEX, BSHDCollator, MLMMasker
+
+
+@pytest.fixture(scope="module")
+def sample_ids(tokenizer):
+    return tokenizer(read_fasta_sequences(400))["input_ids"]
+
+
+def make_masker(tokenizer, **kwargs):
+    options = {"max_seq_length": 1024, "seed": 7} | kwargs
+    return MLMMasker.from_tokenizer(tokenizer, **options)
+
+
+def test_masking_rates_match_bert_recipe(tokenizer, sample_ids):
+    masker = make_masker(tokenizer, crop="head")
+    selected = masked = randomised = kept = maskable = 0
+    canonical = set(tokenizer.convert_tokens_to_ids(list(CANONICAL_AMINO_ACIDS)))
+    for ids in sample_ids:
+        original = np.asarray(ids[:1023] + ids[-1:] if len(ids) > 1024 else ids)
+        inputs, labels = masker(ids)
+        chosen = labels != IGNORE_INDEX
+        maskable += int((~np.isin(original, tokenizer.all_special_ids)).sum())
+        selected += int(chosen.sum())
+        masked += int((inputs[chosen] == tokenizer.mask_token_id).sum())
+        changed = chosen & (inputs != original) & (inputs != tokenizer.mask_token_id)
+        randomised += int(changed.sum())
+        kept += int((chosen & (inputs == original)).sum())
+        assert set(inputs[changed].tolist()) <= canonical
+        np.testing.assert_array_equal(labels[chosen], original[chosen])
+    assert maskable > 100_000
+    assert selected / maskable == pytest.approx(0.15, abs=0.01)
+    assert masked / selected == pytest.approx(0.80, abs=0.01)
+    # a random replacement can draw the original residue (1 in 20): it then counts as kept
+    assert (randomised + kept) / selected == pytest.approx(0.20, abs=0.01)
+    assert kept / selected == pytest.approx(0.10 + 0.10 / 20, abs=0.01)
+
+
+def test_special_tokens_are_never_masked_or_labelled(tokenizer):
+    masker = make_masker(tokenizer, mlm_probability=0.9)
+    ids = tokenizer("MK<unk>TAY<mask>IAK")["input_ids"]
+    specials = np.isin(ids, tokenizer.all_special_ids)
+    for epoch in range(50):
+        masker.epoch = epoch
+        inputs, labels = masker(ids)
+        assert (labels[specials] == IGNORE_INDEX).all()
+        np.testing.assert_array_equal(inputs[specials], np.asarray(ids)[specials])
+
+
+def test_every_sequence_gets_at_least_one_label(tokenizer):
+    masker = make_masker(tokenizer, mlm_probability=0.01)
+    for seq in ["M", "MK", "ACDE"]:
+        _, labels = masker(tokenizer(seq)["input_ids"])
+        assert (labels != IGNORE_INDEX).sum() >= 1
+
+
+def test_masking_is_reproducible_and_changes_each_epoch(tokenizer, sample_ids):
+    ids = sample_ids[0]
+    first = make_masker(tokenizer)(ids)
+    again = make_masker(tokenizer)(ids)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    next_epoch = make_masker(tokenizer)
+    next_epoch.epoch = 1
+    assert not np.array_equal(next_epoch(ids)[1], first[1])
+    other_seed = make_masker(tokenizer, seed=8)
+    assert not np.array_equal(other_seed(ids)[1], first[1])
+
+
+def test_crop_keeps_cls_and_eos_and_a_contiguous_window(tokenizer):
+    sequence = "".join(np.random.default_rng(0).choice(list(CANONICAL_AMINO_ACIDS), 300))
+    ids = tokenizer(sequence)["input_ids"]
+    for crop in ("random", "head"):
+        masker = make_masker(tokenizer, max_seq_length=50, crop=crop, mlm_probability=0.01)
+        starts = set()
+        for epoch in range(20):
+            masker.epoch = epoch
+            inputs, labels = masker(ids)
+            original = np.where(labels != IGNORE_INDEX, labels, inputs)
+            assert len(inputs) == 50 and original[0] == 0 and original[-1] == 2
+            window = tokenizer.decode(original[1:-1]).replace(" ", "")
+            assert window in sequence
+            starts.add(sequence.index(window))
+        assert starts == {0} if crop == "head" else len(starts) > 10
+
+
+def test_bshd_batch_padding_and_masks(tokenizer, sample_ids):
+    collator = BSHDCollator(make_masker(tokenizer), tokenizer.pad_token_id, pad_to_multiple_of=16)
+    samples = [{"input_ids": ids} for ids in sample_ids[:5]]
+    batch = collator(samples)
+    longest = max(len(ids) for ids in sample_ids[:5])
+    assert batch["input_ids"].shape == (5, -(-longest // 16) * 16)
+    assert batch["input_ids"].dtype == torch.long
+    lengths = torch.tensor([len(ids) for ids in sample_ids[:5]])
+    torch.testing.assert_close(batch["attention_mask"].sum(1), lengths)
+    padding = batch["attention_mask"] == 0
+    assert (batch["input_ids"][padding] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][padding] == IGNORE_INDEX).all()
+    # masking is per sequence: the same sequence in another batch gets the same inputs and labels
+    alone = collator(samples[2:3])
+    row = slice(0, len(sample_ids[2]))
+    torch.testing.assert_close(alone["labels"][0, row], batch["labels"][2, row])
+
+
+def test_pad_to_fixed_length(tokenizer, sample_ids):
+    collator = BSHDCollator(make_masker(tokenizer, max_seq_length=128), tokenizer.pad_token_id, pad_to_length=128)
+    assert collator([{"input_ids": sample_ids[0]}])["input_ids"].shape == (1, 128)
+
+
+def test_bad_masker_arguments(tokenizer):
+    with pytest.raises(ValueError, match="mlm_probability"):
+        make_masker(tokenizer, mlm_probability=0.0)
+    with pytest.raises(ValueError, match="crop"):
+        make_masker(tokenizer, crop="tail")
+    with pytest.raises(ValueError, match="max_seq_length"):
+        make_masker(tokenizer, max_seq_length=2)

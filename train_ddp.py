@@ -1,0 +1,83 @@
+"""Pretrain ESM-2 with DistributedDataParallel: a full replica of the model on every rank, gradients all-reduced.
+
+    python train_ddp.py --config-name L0_sanity                        # one process (GPU, or CPU with gloo)
+    torchrun --nproc_per_node=8 train_ddp.py --config-name L0_sanity   # one node, eight GPUs
+    sbatch slurm.sh train_ddp.py --config-name L0_sanity               # several nodes
+
+Pick DDP when the model, its gradients and its AdamW state fit on one GPU (16 bytes a parameter plus activations:
+up to 650M with room to spare, 3B only just on an 80 GB GPU): it is the simplest strategy and, with no parameter
+gathering, the fastest one there. Larger models need train_fsdp2.py or train_mfsdp.py, which shard that state.
+
+Every rank holds FP32 weights; on GPU the forward runs under BF16 autocast, on CPU everything stays FP32. Gradients
+are averaged over ranks in buckets that overlap the backward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from checkpoint import DistributedStateDict
+from distributed import DistributedContext
+from model import build_model
+from parallel import compile_transformer_layers, use_torch_compile
+from training import build_optimizer, build_scheduler, setup_run, train
+
+
+def wrap_model(model: nn.Module, context: DistributedContext) -> DistributedDataParallel:
+    """Replicate `model` (already on this rank's device) and average its gradients over all ranks.
+
+    Every trainable parameter takes part in the masked-LM loss (model.py freezes the reference model's contact head,
+    the one part that does not), so DDP runs without `find_unused_parameters` and its extra graph traversal per step.
+    """
+    return DistributedDataParallel(
+        model,
+        device_ids=[context.local_rank] if context.uses_cuda else None,
+        gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets instead of a second copy
+    )
+
+
+def ddp_grad_sync(model: DistributedDataParallel, sync: bool) -> AbstractContextManager:
+    """Skip the all-reduce on gradient-accumulation micro-batches; gradients accumulate locally until the last one."""
+    return contextlib.nullcontext() if sync else model.no_sync()
+
+
+def forward_precision(context: DistributedContext) -> Callable[[], AbstractContextManager]:
+    """BF16 autocast around the forward on GPU (the weights and the optimizer stay in their own dtype); FP32 on CPU."""
+    if context.uses_cuda:
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run = setup_run(cfg)
+    # A full replica lives on every rank anyway, so the model is built in place: no meta device, whatever
+    # use_meta_device says.
+    model = build_model(cfg, run.model_config, use_te=run.use_te, device=run.context.device)
+    if use_torch_compile(cfg):
+        compile_transformer_layers(model)
+    ddp_model = wrap_model(model, run.context)  # `model` stays the plain module, for export
+    optimizer = build_optimizer(cfg, ddp_model, run.context.device)
+    scheduler = build_scheduler(cfg, optimizer)
+    train(
+        run,
+        ddp_model,
+        optimizer,
+        scheduler,
+        DistributedStateDict(),  # replicated state, saved once through DCP: resumes on any number of ranks
+        grad_sync=ddp_grad_sync,
+        forward_context=forward_precision(run.context),
+    )
+
+
+if __name__ == "__main__":
+    main()
