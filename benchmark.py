@@ -4,8 +4,9 @@
     python benchmark.py --config-name benchmark benchmark.models=[esm2_t36_3B_UR50D] benchmark.profile=true
 
 Each (model, variant) pair runs the real recipe, as users run it: the Hydra config with the variant's overrides,
-`setup_run`, FSDP2 on one GPU, fused AdamW and `train_loop` (forward, backward, clipping, optimizer step), on the
-shipped proteome's real length distribution and the same capacity of `token_budget` tokens per step. It reports
+`setup_run`, the model wrapped as `train_ddp.py` (default) or `train_fsdp2.py` wraps it, fused AdamW and
+`train_loop` (forward, backward, clipping, optimizer step), on the shipped proteome's real length distribution and
+the same capacity of `token_budget` tokens per step. It reports
 unpadded tokens/s per GPU, model TFLOP/s, MFU, step time, peak memory and the padding fraction as a markdown table,
 JSON and a bar chart; the GPU's dense BF16 and FP8 matmul ceilings are measured in the same run.
 
@@ -51,8 +52,9 @@ from transformers import EsmConfig
 from distributed import destroy_distributed
 from model import build_model, count_parameters, materialize, te_unavailable_reason
 from precision import FP8_RECIPES, fp8_enabled
+from train_ddp import ddp_grad_sync, forward_precision, wrap_model
 from train_fsdp2 import fsdp2_grad_sync, shard_model
-from training import build_optimizer, build_scheduler, setup_run, train_loop
+from training import Run, build_optimizer, build_scheduler, setup_run, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -157,27 +159,40 @@ def skip_reason(cfg: DictConfig, variant: Variant) -> str | None:
     return None
 
 
-def run_variant(cfg: DictConfig, warmup: int, timed: int, profile_prefix: Path | None) -> dict[str, Any]:
-    """Train warm-up + timed steps exactly as `train_fsdp2.py` does (no checkpoints) and measure the timed window."""
-    run = setup_run(cfg)
+STRATEGIES = ("ddp", "fsdp2")
+
+
+def wrap_like_entrypoint(cfg: DictConfig, run: Run, strategy: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model built and wrapped exactly as `train_<strategy>.py` does, and the loop arguments that go with it."""
     device = run.context.device
-    recorder = LengthRecorder(run.train_stream, run.tokenizer.pad_token_id)
-    run.train_stream = recorder  # train_loop only iterates it
-    on_meta = bool(cfg.use_meta_device) and not cfg.pretrained
+    if strategy == "ddp":
+        model = wrap_model(build_model(cfg, run.model_config, use_te=run.use_te, device=device), run.context)
+        return model, {"grad_sync": ddp_grad_sync, "forward_context": forward_precision(run.context)}
+    on_meta = bool(cfg.use_meta_device) and run.use_te and not cfg.pretrained
     model = build_model(cfg, run.model_config, use_te=run.use_te, device="meta" if on_meta else device)
     shard_model(model, run)
     if on_meta:
         materialize(model, device)
+    return model, {"grad_sync": fsdp2_grad_sync}
+
+
+def run_variant(cfg: DictConfig, warmup: int, timed: int, profile_prefix: Path | None) -> dict[str, Any]:
+    """Train warm-up + timed steps as the strategy's entrypoint does (no checkpoints) and measure the timed window."""
+    run = setup_run(cfg)
+    device = run.context.device
+    recorder = LengthRecorder(run.train_stream, run.tokenizer.pad_token_id)
+    run.train_stream = recorder  # train_loop only iterates it
+    model, loop_kwargs = wrap_like_entrypoint(cfg, run, str(cfg.benchmark.strategy))
     optimizer = build_optimizer(cfg, model, device)
     scheduler = build_scheduler(cfg, optimizer)
-    metrics = train_loop(run, model, optimizer, scheduler, grad_sync=fsdp2_grad_sync).metrics
+    metrics = train_loop(run, model, optimizer, scheduler, **loop_kwargs).metrics
     window = recorder.lengths[warmup : warmup + timed]
     elapsed = metrics["train/step_time_s"] * timed
     flops = sum(model_flops(lengths, run.model_config) for lengths in window)
     row: dict[str, Any] = {
         "status": "ok",
         "parameters": count_parameters(model),
-        "attention": "TE" if run.use_te else model.config._attn_implementation,
+        "attention": "TE" if run.use_te else getattr(model, "module", model).config._attn_implementation,
         "tokens_per_s": metrics["train/tokens_per_s_per_gpu"],
         "padded_tokens_per_s": metrics["train/padded_tokens_per_s_per_gpu"],
         "step_time_s": metrics["train/step_time_s"],
@@ -193,11 +208,13 @@ def run_variant(cfg: DictConfig, warmup: int, timed: int, profile_prefix: Path |
     if recorder.epochs[warmup - 1] != recorder.epochs[warmup + timed - 1]:
         row["reason"] = "an epoch boundary (data-loader restart) fell in the timed window"
     if profile_prefix is not None:
-        profile_steps(run, model, optimizer, scheduler, profile_prefix, int(cfg.benchmark.profile_steps))
+        profile_steps(run, model, optimizer, scheduler, loop_kwargs, profile_prefix, int(cfg.benchmark.profile_steps))
     return row
 
 
-def profile_steps(run: Any, model: Any, optimizer: Any, scheduler: Any, prefix: Path, steps: int) -> None:
+def profile_steps(
+    run: Run, model: Any, optimizer: Any, scheduler: Any, loop_kwargs: dict[str, Any], prefix: Path, steps: int
+) -> None:
     """Profile a few more steps with torch.profiler, after the timed window so the profiler cannot perturb it."""
     cuda = run.context.uses_cuda
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -205,8 +222,9 @@ def profile_steps(run: Any, model: Any, optimizer: Any, scheduler: Any, prefix: 
 
     def write(prof: torch.profiler.profile) -> None:
         events = prof.key_averages()
-        tables = [f"Top 25 by {key}:\n{events.table(sort_by=key, row_limit=25)}" for key in dict.fromkeys(sort_keys)]
-        prefix.with_name(f"{prefix.name}_kernels.txt").write_text("\n\n".join(tables) + "\n")
+        tables = [f"Top 60 by {key}:\n{events.table(sort_by=key, row_limit=60)}" for key in dict.fromkeys(sort_keys)]
+        summary = device_busy_summary(prof, steps) if cuda else ""
+        prefix.with_name(f"{prefix.name}_kernels.txt").write_text(summary + "\n\n".join(tables) + "\n")
         prof.export_chrome_trace(str(prefix.with_name(f"{prefix.name}_trace.json.gz")))
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +233,36 @@ def profile_steps(run: Any, model: Any, optimizer: Any, scheduler: Any, prefix: 
     schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write) as prof:
         step = lambda _: bool(prof.step())  # noqa: E731  (after_step: advance the profiler's schedule, never stop)
-        train_loop(run, model, optimizer, scheduler, grad_sync=fsdp2_grad_sync, start_step=start, after_step=step)
+        train_loop(run, model, optimizer, scheduler, start_step=start, after_step=step, **loop_kwargs)
+
+
+def device_busy_summary(prof: torch.profiler.profile, steps: int) -> str:
+    """How much of the profiled wall time the GPU was busy (the union of kernel and copy intervals).
+
+    A GPU busy far less than the wall time means the step is host-bound: the GPU waits for Python, hooks or kernel
+    launches, and faster kernels would not help.
+    """
+    try:
+        records = prof.profiler.kineto_results.events()
+        spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in records)
+        device = sorted(
+            (e.start_ns(), e.start_ns() + e.duration_ns()) for e in records if e.device_type().name == "CUDA"
+        )
+    except (AttributeError, RuntimeError) as exc:  # the profiler's internals differ between torch releases
+        return f"GPU busy time not available ({exc})\n\n"
+    if not device:
+        return "No GPU activity was recorded\n\n"
+    busy, current_start, current_end = 0, *device[0]
+    for start, end in device[1:]:
+        if start > current_end:
+            busy, current_start = busy + current_end - current_start, start
+        current_end = max(current_end, end)
+    busy += current_end - current_start
+    wall = max(end for _, end in spans) - spans[0][0]
+    return (
+        f"GPU busy {busy / 1e6 / steps:.1f} ms per step of {wall / 1e6 / steps:.1f} ms profiled wall time "
+        f"({busy / wall:.0%}), over {steps} steps\n\n"
+    )
 
 
 def measure(base: DictConfig, model_tag: str, name: str, warmup: int, timed: int) -> dict[str, Any]:
@@ -332,7 +379,8 @@ def markdown(report: dict[str, Any], heading: str = "#") -> str:
         "",
         f"torch {meta['torch']}, TransformerEngine {meta['transformer_engine']}, transformers {meta['transformers']}; "
         f"one {meta['device']}. Matmul ceilings measured in this run ({meta['ceiling_size']}³, median): {ceilings}.",
-        f"Every variant: forward + backward + fused AdamW, FSDP2 on one device, BF16 compute (FP32 on CPU), real "
+        f"Every variant: forward + backward + fused AdamW, {meta['strategy'].upper()} on one device, BF16 compute "
+        f"(FP32 on CPU) with {meta['weights']}, real "
         f"protein lengths from `{meta['dataset']}`, a capacity of {meta['token_budget']:,} tokens per step (padded: "
         f"{meta['sequences_per_step']} sequences of up to {meta['max_seq_length']} tokens; packed: "
         f"{meta['token_budget']:,}-token packs); {meta['warmup_steps']} warm-up, then {meta['timed_steps']} timed "
@@ -422,6 +470,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     seq, budget = int(cfg.dataset.max_seq_length), int(bench.token_budget)
     if timed < 1 or budget < seq:
         raise ValueError(f"Need timed_steps >= 1 and token_budget ({budget}) >= dataset.max_seq_length ({seq}).")
+    if bench.strategy not in STRATEGIES:
+        raise ValueError(f"benchmark.strategy={bench.strategy!r} must be one of {STRATEGIES}.")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     now = datetime.now()
@@ -441,13 +491,19 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         "sequences_per_step": budget // seq,
         "warmup_steps": warmup,
         "timed_steps": timed,
+        "strategy": str(bench.strategy),
+        "weights": "FP32 master weights"
+        if cfg.get("use_fp32_master_weights", True)
+        else "BF16 weights and optimizer state (use_fp32_master_weights=false)",
         "flop_formula": FLOP_FORMULA,
     }
     release_memory()
     report: dict[str, Any] = {"meta": meta, "rows": []}
     out_dir = Path(bench.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"benchmark_{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}_{now:%Y-%m-%d}"
+    weights = "fp32-master" if cfg.get("use_fp32_master_weights", True) else "bf16-weights"
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    stem = out_dir / f"benchmark_{slug}_{now:%Y-%m-%d}_{bench.strategy}_{weights}"
     for model_tag in bench.models:
         for name in bench.variants:
             report["rows"].append({"model": model_tag, "variant": name} | measure(cfg, model_tag, name, warmup, timed))

@@ -200,7 +200,8 @@ def verify_manifest(path: Path) -> str | None:
     return None
 
 
-def _write_manifest(path: Path, step: int, world_size: int) -> None:
+def _write_manifest(path: Path, step: int, world_size: int) -> int:
+    """Record every file and its size (written last, atomically); returns the checkpoint's total bytes."""
     files = {
         str(p.relative_to(path)): p.stat().st_size
         for p in sorted(path.rglob("*"))
@@ -210,6 +211,7 @@ def _write_manifest(path: Path, step: int, world_size: int) -> None:
     tmp = path / f"{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path / MANIFEST)
+    return sum(files.values())
 
 
 def check_writable(ckpt_dir: Path) -> None:
@@ -234,6 +236,7 @@ class _PendingSave:
     tmp_dir: Path
     final_dir: Path
     future: Any
+    started: float  # time.perf_counter() when the save began
 
 
 class Checkpointer:
@@ -314,7 +317,7 @@ class Checkpointer:
         if not self._all_ranks_ok(error is None):
             self._abandon(tmp_dir, step, error)
             return False
-        self._pending = _PendingSave(step, tmp_dir, final_dir, future)
+        self._pending = _PendingSave(step, tmp_dir, final_dir, future, started)
         if future is None or blocking:
             self._finish_pending()
         logger.info(
@@ -380,10 +383,16 @@ class Checkpointer:
             self._abandon(pending.tmp_dir, pending.step, error)
             return
         if self.context.is_main:
-            _write_manifest(pending.tmp_dir, pending.step, self.context.world_size)
+            size = _write_manifest(pending.tmp_dir, pending.step, self.context.world_size)
             if pending.final_dir.exists():  # a re-save of the same step (e.g. after resuming): replace it
                 shutil.rmtree(pending.final_dir)
             os.replace(pending.tmp_dir, pending.final_dir)
+            logger.info(
+                "Checkpoint %s published: %.2f GiB, %.1f s after the save began.",
+                pending.final_dir,
+                size / 2**30,
+                time.perf_counter() - pending.started,
+            )
             self._prune()
         self.context.barrier()
 
@@ -424,13 +433,14 @@ class Checkpointer:
             problem = verify_manifest(path) if self.context.is_main else None
             problem = _broadcast(problem)
             if problem is None:
+                started = time.perf_counter()
                 try:
                     self._load(path)
                     error = None
                 except CHECKPOINT_ERRORS as exc:
                     error = exc
                 if self._all_ranks_ok(error is None):
-                    logger.info("Resumed from %s (step %d).", path, step)
+                    logger.info("Resumed from %s (step %d) in %.1f s.", path, step, time.perf_counter() - started)
                     self._last_saved_step = self._start_step = step
                     return step
                 problem = f"loading failed ({error})"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -25,15 +26,19 @@ from typing import Any
 
 import hydra
 import torch
+import torch.distributed as dist
 from megatron_fsdp import MegatronFSDP, MixedPrecisionPolicy, fully_shard_model, fully_shard_optimizer
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from checkpoint import MegatronFSDPStateDict
 from model import build_model, transformer_layers
 from parallel import use_torch_compile
 from training import Run, build_optimizer, build_scheduler, setup_run, train
+
+logger = logging.getLogger(__name__)
 
 ZERO_DP_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -244,10 +249,53 @@ def mfsdp_grad_sync(model: MegatronFSDP, sync: bool) -> Iterator[None]:
         yield
 
 
+def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack([norm.float() for norm in torch._foreach_norm(tensors)]).square().sum()
+
+
+@torch.no_grad()
+def clip_sharded_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm, computed from the (uneven) shards each rank holds.
+
+    Megatron-FSDP's gradients are DTensors whose shards differ in size between ranks, and a rank whose shard of a
+    parameter is empty has no gradient for it at all. torch's `clip_grad_norm_` would then run a different number of
+    collectives on different ranks and hang (it did, on two H200s). Here each rank adds up the squares of what it
+    holds, one all-reduce sums the sharded part over ranks (replicated gradients count once), and every rank scales
+    its own shards by the same factor. Returns the global norm, as `clip_grad_norm_` does.
+    """
+    sharded, replicated = [], []
+    for param in model.parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            (sharded if any(p.is_shard() for p in grad.placements) else replicated).append(grad.to_local())
+        else:
+            replicated.append(grad)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    squares = _sum_of_squares(sharded, device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(squares)
+    total = (squares + _sum_of_squares(replicated, device)).sqrt()
+    grads = [grad for grad in sharded + replicated if grad.numel() > 0]
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     options = check_can_run(cfg)  # fails here on CPU, before any data or model is built
     run = setup_run(cfg)
+    if run.context.world_size > 1:
+        logger.warning(
+            "Known defect (megatron-fsdp 0.6 with this recipe, measured on 2 GPUs): the gradients of the parameters "
+            "outside the transformer layers (embeddings, final LayerNorm, LM head) come out summed instead of "
+            "averaged over ranks (2x on 2 GPUs), and the LM-head bias gets no gradient. The transformer layers are "
+            "right. Prefer train_fsdp2.py for multi-GPU runs until this is fixed (README: Parallelism)."
+        )
     # Megatron-FSDP refuses meta-device models with no_shard (nothing to shard); pretrained weights are loaded whole.
     on_meta = bool(cfg.use_meta_device) and not cfg.pretrained and options.zero_dp_strategy != "no_shard"
     model = build_model(cfg, run.model_config, use_te=run.use_te, device="meta" if on_meta else run.context.device)
@@ -255,7 +303,15 @@ def main(cfg: DictConfig) -> None:
     # Built after sharding: the optimizer steps Megatron-FSDP's (sharded) main weights, which exist only now.
     optimizer = shard_optimizer(build_optimizer(cfg, mfsdp_model, run.context.device))
     scheduler = build_scheduler(cfg, optimizer)
-    train(run, mfsdp_model, optimizer, scheduler, MegatronFSDPStateDict(), grad_sync=mfsdp_grad_sync)
+    train(
+        run,
+        mfsdp_model,
+        optimizer,
+        scheduler,
+        MegatronFSDPStateDict(),
+        grad_sync=mfsdp_grad_sync,
+        clip_grads=clip_sharded_grad_norm,
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from scheduler import build_esm2_scheduler
 logger = logging.getLogger(__name__)
 
 GradSync = Callable[[nn.Module, bool], AbstractContextManager]
+ClipGrads = Callable[[nn.Module, float], torch.Tensor]
 
 
 class StepHook(Protocol):
@@ -129,6 +130,11 @@ def no_grad_sync_needed(model: nn.Module, sync: bool) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip by the global norm with torch: right for replicated (DDP) and evenly sharded (FSDP2) gradients."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, device: torch.device, max_batches: int) -> dict[str, float]:
     """Masked-token loss and perplexity over (the first `max_batches` batches of) this rank's validation share."""
@@ -161,6 +167,7 @@ def train_loop(
     *,
     grad_sync: GradSync = no_grad_sync_needed,
     forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    clip_grads: ClipGrads = clip_grad_norm,
     start_step: int = 0,
     after_step: StepHook | None = None,
 ) -> TrainResult:
@@ -191,7 +198,7 @@ def train_loop(
                         loss = mlm_loss(logits, batch["labels"], reduction="sum") * loss_scale
                     loss.backward()
                 step_loss += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            grad_norm = clip_grads(model, max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -217,6 +224,7 @@ def train(
     *,
     grad_sync: GradSync = no_grad_sync_needed,
     forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    clip_grads: ClipGrads = clip_grad_norm,
 ) -> TrainResult:
     """Everything after wrapping: resume from the newest checkpoint, train, save, export, leave the process group."""
     checkpointer = Checkpointer(run.cfg, run, model, optimizer, scheduler, checkpoint_flavour)
@@ -227,6 +235,7 @@ def train(
         scheduler,
         grad_sync=grad_sync,
         forward_context=forward_context,
+        clip_grads=clip_grads,
         start_step=checkpointer.resume(),
         after_step=checkpointer.after_step,
     )

@@ -109,12 +109,13 @@ def test_benchmark_writes_table_json_and_chart_on_cpu(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (markdown,) = out.glob("benchmark_cpu_*.md")
+    (markdown,) = out.glob("benchmark_cpu_*_ddp_fp32-master.md")  # the default strategy and weights, in the name
     for suffix in (".json", ".png", ".svg"):
         assert markdown.with_suffix(suffix).stat().st_size > 0
     report = json.loads(markdown.with_suffix(".json").read_text())
     assert report["meta"]["ceilings_tflops"]["fp32"] > 0
     assert (report["meta"]["warmup_steps"], report["meta"]["timed_steps"]) == (3, 3)
+    assert (report["meta"]["strategy"], report["meta"]["weights"]) == ("ddp", "FP32 master weights")
     rows = {row["variant"]: row for row in report["rows"]}
     for name in ("hf_pad1024", "hf_padlongest"):
         row = rows[name]
@@ -135,3 +136,38 @@ def test_benchmark_writes_table_json_and_chart_on_cpu(tmp_path):
     for name in ("hf_pad1024", "hf_padlongest"):
         assert (out / "profile" / f"esm2_t6_8M_UR50D_{name}_kernels.txt").stat().st_size > 0
         assert (out / "profile" / f"esm2_t6_8M_UR50D_{name}_trace.json.gz").stat().st_size > 0
+
+
+def _run_benchmark(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, "benchmark.py", "--config-name", "benchmark", "benchmark.models=[esm2_t6_8M_UR50D]",
+         "dataset.max_seq_length=256", "benchmark.token_budget=512", "dataset.num_workers=0",
+         f"benchmark.output_dir={tmp_path / 'results'}", f"hydra.run.dir={tmp_path / 'hydra'}", *overrides],
+        cwd=RECIPE_DIR, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_benchmark_wraps_like_the_fsdp2_entrypoint_on_request(tmp_path):
+    result = _run_benchmark(
+        tmp_path,
+        "benchmark.strategy=fsdp2",
+        "use_fp32_master_weights=false",
+        "benchmark.variants=[hf_padlongest]",
+        "benchmark.warmup_steps=1",
+        "benchmark.timed_steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "results").glob("benchmark_cpu_*_fsdp2_bf16-weights.json")
+    report = json.loads(path.read_text())
+    assert report["meta"]["strategy"] == "fsdp2" and "BF16 weights" in report["meta"]["weights"]
+    (row,) = report["rows"]
+    assert row["status"] == "ok" and row["tokens_per_s"] > 0, row
+    assert "FSDP2 on one device" in path.with_suffix(".md").read_text()
+
+
+def test_benchmark_refuses_an_unknown_strategy_before_measuring(tmp_path):
+    result = _run_benchmark(tmp_path, "benchmark.strategy=zero3", "benchmark.variants=[hf_padlongest]")
+    assert result.returncode != 0
+    assert "benchmark.strategy='zero3' must be one of ('ddp', 'fsdp2')" in result.stderr
+    assert not list((tmp_path / "results").glob("*.json"))

@@ -1,0 +1,68 @@
+"""Gradient clipping over Megatron-FSDP's uneven gradient shards, on two CPU processes (gloo)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+# Full gradients of three parameters, laid out as Megatron-FSDP shards them over two ranks: uneven row ranges of the
+# first (rank 0 rows 0-2, rank 1 row 3), the second held by rank 0 alone (rank 1 has no gradient for it), the third
+# replicated on both ranks.
+FULL = {
+    "weight": torch.arange(1.0, 9.0).reshape(4, 2),
+    "bias": torch.tensor([3.0, -4.0]),
+    "scale": torch.tensor([0.5, 0.5]),
+}
+ROWS = {0: {"weight": slice(0, 3), "bias": slice(0, 2)}, 1: {"weight": slice(3, 4), "bias": None}}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, port: int, max_norm: float, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from train_mfsdp import clip_sharded_grad_norm
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = nn.Module()
+    for name, full in FULL.items():
+        setattr(model, name, nn.Parameter(torch.zeros_like(full)))
+    for name in ("weight", "bias"):
+        rows = ROWS[rank][name]
+        if rows is not None:
+            local = FULL[name][rows].clone()
+            param = getattr(model, name)
+            shape, stride = FULL[name].shape, FULL[name].stride()
+            param.grad = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+    model.scale.grad = DTensor.from_local(FULL["scale"].clone(), mesh, [Replicate()], run_check=False)
+    norm = clip_sharded_grad_norm(model, max_norm)
+    shards = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None}
+    results[rank] = (float(norm), shards)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1000.0])
+def test_clipping_uses_the_global_norm_of_uneven_shards(max_norm):
+    expected_norm = torch.cat([t.flatten() for t in FULL.values()]).norm().item()
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), max_norm, results), nprocs=2, join=True)
+    factor = min(1.0, max_norm / (expected_norm + 1e-6))
+    for rank in (0, 1):
+        norm, shards = results[rank]
+        assert norm == pytest.approx(expected_norm, rel=1e-6)  # both ranks, although rank 1 has no `bias` gradient
+        for name, rows in ROWS[rank].items():
+            if rows is None:
+                assert name not in shards
+            else:
+                torch.testing.assert_close(shards[name], FULL[name][rows] * factor)
+        torch.testing.assert_close(shards["scale"], FULL["scale"] * factor)
