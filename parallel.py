@@ -5,9 +5,12 @@ Everything here works the same whatever wraps the model; what differs between st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from model import transformer_layers
 
@@ -26,3 +29,33 @@ def compile_transformer_layers(model: nn.Module) -> None:
     """
     for layer in transformer_layers(model):
         layer.compile()
+
+
+@dataclass(frozen=True)
+class LocalGradient:
+    """The part of one parameter's gradient held by this rank.
+
+    `sharded`: the ranks' parts together make up the gradient (FSDP2, Megatron-FSDP), so sums of squares add up over
+    ranks; otherwise every rank holds all of it (DDP, one process, replicated DTensors).
+    """
+
+    name: str
+    tensor: torch.Tensor
+    sharded: bool
+
+
+def local_gradients(model: nn.Module) -> list[LocalGradient]:
+    """The gradient parts this rank holds, whatever the strategy; parameters with no gradient here are left out.
+
+    Megatron-FSDP shards unevenly: a rank may hold nothing of a parameter and then has no gradient for it at all, so
+    ranks can return different lists. Names drop the wrappers' `module.` prefix, so strategies compare directly.
+    """
+    parts = []
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        sharded = isinstance(grad, DTensor) and any(placement.is_shard() for placement in grad.placements)
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        parts.append(LocalGradient(name.removeprefix("module."), local, sharded))
+    return parts

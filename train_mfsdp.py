@@ -31,11 +31,10 @@ from megatron_fsdp import MegatronFSDP, MixedPrecisionPolicy, fully_shard_model,
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 
 from checkpoint import MegatronFSDPStateDict
 from model import build_model, transformer_layers
-from parallel import use_torch_compile
+from parallel import local_gradients, use_torch_compile
 from training import Run, build_optimizer, build_scheduler, setup_run, train
 
 logger = logging.getLogger(__name__)
@@ -265,15 +264,9 @@ def clip_sharded_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     holds, one all-reduce sums the sharded part over ranks (replicated gradients count once), and every rank scales
     its own shards by the same factor. Returns the global norm, as `clip_grad_norm_` does.
     """
-    sharded, replicated = [], []
-    for param in model.parameters():
-        grad = param.grad
-        if grad is None:
-            continue
-        if isinstance(grad, DTensor):
-            (sharded if any(p.is_shard() for p in grad.placements) else replicated).append(grad.to_local())
-        else:
-            replicated.append(grad)
+    parts = local_gradients(model)
+    sharded = [part.tensor for part in parts if part.sharded]
+    replicated = [part.tensor for part in parts if not part.sharded]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     squares = _sum_of_squares(sharded, device)
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -8,6 +8,7 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -29,6 +30,7 @@ from config_validation import validate_config
 from dataset import EpochLoader, build_dataloaders, resolve_path
 from distributed import DistributedContext, destroy_distributed, init_distributed
 from model import load_model_config, resolve_use_te
+from parallel import local_gradients
 from perf_logger import PerfLogger
 from precision import check_gpu_supports, fp8_enabled
 from scheduler import build_esm2_scheduler
@@ -136,6 +138,23 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def gradient_norms(model: nn.Module, device: torch.device) -> dict[str, float]:
+    """Every parameter's gradient L2 norm over all ranks (0 where no rank has one), keyed by name without wrappers.
+
+    A debugging aid that compares strategies and GPU counts parameter by parameter: with the same weights and global
+    batch, DDP, FSDP2 and Megatron-FSDP on any number of ranks must agree. One collective and one host sync.
+    """
+    names = [name.removeprefix("module.") for name, _ in model.named_parameters()]  # the same list on every rank
+    position = {name: index for index, name in enumerate(names)}
+    sharded, replicated = (torch.zeros(len(names), device=device) for _ in range(2))
+    for part in local_gradients(model):
+        (sharded if part.sharded else replicated)[position[part.name]] = part.tensor.float().square().sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sharded)
+    return dict(zip(names, (sharded + replicated).sqrt().tolist(), strict=True))
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, device: torch.device, max_batches: int) -> dict[str, float]:
     """Masked-token loss and perplexity over (the first `max_batches` batches of) this rank's validation share."""
     model.eval()
@@ -180,6 +199,7 @@ def train_loop(
     grad_acc = int(cfg.grad_acc_steps)
     max_grad_norm = float(cfg.optimizer.max_grad_norm)
     pad_id = run.tokenizer.pad_token_id
+    grad_norms_file = cfg.logger.get("grad_norms_file")
     perf = PerfLogger(cfg, run.context, start_step=start_step)
     batches: Iterator[dict[str, Any]] = iter(run.train_stream)
     model.train()
@@ -198,6 +218,10 @@ def train_loop(
                         loss = mlm_loss(logits, batch["labels"], reduction="sum") * loss_scale
                     loss.backward()
                 step_loss += loss.detach()
+            if grad_norms_file and step == start_step:  # the run's first step, before clipping
+                norms = gradient_norms(model, device)
+                if run.context.is_main:
+                    Path(grad_norms_file).write_text(json.dumps({"step": step + 1, "grad_norms": norms}, indent=1))
             grad_norm = clip_grads(model, max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -82,10 +82,12 @@ def one_and_two_ranks(tmp_path_factory):
                 *SMALL,
                 f"dataset.micro_batch_size={GLOBAL_BATCH // nproc}",
                 f"logger.metrics_file={metrics_file}",
+                f"logger.grad_norms_file={out_dir / 'grad_norms.json'}",
             ]
             result = launch(args, out_dir, nproc=nproc)
             assert result.returncode == 0, result.stderr[-3000:]
             metrics[nproc] = read_metrics(metrics_file)
+            metrics[f"grad_norms_{nproc}"] = json.loads((out_dir / "grad_norms.json").read_text())
         return metrics
 
     return metrics_of
@@ -110,12 +112,34 @@ def test_first_loss_on_two_ranks_matches_one_rank(one_and_two_ranks, entrypoint)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("entrypoint", ["train_ddp.py", "train_fsdp2.py"])
+def test_every_parameter_gets_the_same_gradient_on_two_ranks(one_and_two_ranks, entrypoint):
+    """Parameter by parameter, the first step's gradient norms on 2 ranks equal those of 1 rank with the same batch."""
+    runs = one_and_two_ranks(entrypoint)
+    one, two = runs["grad_norms_1"], runs["grad_norms_2"]
+    assert one["step"] == two["step"] == 1
+    assert one["grad_norms"].keys() == two["grad_norms"].keys()
+    assert len(one["grad_norms"]) > 6 * 16  # every layer's weights, not a handful of summaries
+    for name, norm in one["grad_norms"].items():
+        if "contact_head" in name:  # frozen: no gradient anywhere
+            assert norm == two["grad_norms"][name] == 0.0
+        else:
+            assert norm > 0 and two["grad_norms"][name] == pytest.approx(norm, rel=1e-4), name
+
+
+@pytest.mark.slow
 def test_ddp_and_fsdp2_start_from_the_same_loss(one_and_two_ranks):
     """Same seed, whole model built before wrapping: the strategies differ in memory and speed, not in results."""
     ddp, fsdp2 = (
         one_and_two_ranks(entrypoint)[1][0]["train/loss"] for entrypoint in ("train_ddp.py", "train_fsdp2.py")
     )
     assert abs(ddp - fsdp2) / ddp < 1e-6
+    ddp_norms, fsdp2_norms = (
+        one_and_two_ranks(entrypoint)["grad_norms_2"]["grad_norms"] for entrypoint in ("train_ddp.py", "train_fsdp2.py")
+    )
+    assert ddp_norms.keys() == fsdp2_norms.keys()  # the same names once the wrappers' prefixes are dropped
+    for name, norm in ddp_norms.items():
+        assert fsdp2_norms[name] == pytest.approx(norm, rel=1e-5, abs=1e-12), name
 
 
 @pytest.mark.slow
