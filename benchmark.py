@@ -50,10 +50,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import EsmConfig
 
 from distributed import destroy_distributed
-from model import build_model, count_parameters, materialize, te_unavailable_reason
+from model import count_parameters, te_unavailable_reason
 from precision import FP8_RECIPES, fp8_enabled
-from train_ddp import ddp_grad_sync, forward_precision, wrap_model
-from train_fsdp2 import fsdp2_grad_sync, shard_model
+from train_ddp import build_replicated_model, ddp_grad_sync, forward_precision
+from train_fsdp2 import build_sharded_model, fsdp2_grad_sync
 from training import Run, build_optimizer, build_scheduler, setup_run, train_loop
 
 logger = logging.getLogger(__name__)
@@ -162,18 +162,14 @@ def skip_reason(cfg: DictConfig, variant: Variant) -> str | None:
 STRATEGIES = ("ddp", "fsdp2")
 
 
-def wrap_like_entrypoint(cfg: DictConfig, run: Run, strategy: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model built and wrapped exactly as `train_<strategy>.py` does, and the loop arguments that go with it."""
-    device = run.context.device
+def wrap_like_entrypoint(run: Run, strategy: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model built and wrapped by `train_<strategy>.py`'s own function, and the loop arguments that go with it."""
     if strategy == "ddp":
-        model = wrap_model(build_model(cfg, run.model_config, use_te=run.use_te, device=device), run.context)
-        return model, {"grad_sync": ddp_grad_sync, "forward_context": forward_precision(run.context)}
-    on_meta = bool(cfg.use_meta_device) and run.use_te and not cfg.pretrained
-    model = build_model(cfg, run.model_config, use_te=run.use_te, device="meta" if on_meta else device)
-    shard_model(model, run)
-    if on_meta:
-        materialize(model, device)
-    return model, {"grad_sync": fsdp2_grad_sync}
+        return build_replicated_model(run), {
+            "grad_sync": ddp_grad_sync,
+            "forward_context": forward_precision(run.context),
+        }
+    return build_sharded_model(run), {"grad_sync": fsdp2_grad_sync}
 
 
 def run_variant(cfg: DictConfig, warmup: int, timed: int, profile_prefix: Path | None) -> dict[str, Any]:
@@ -182,7 +178,7 @@ def run_variant(cfg: DictConfig, warmup: int, timed: int, profile_prefix: Path |
     device = run.context.device
     recorder = LengthRecorder(run.train_stream, run.tokenizer.pad_token_id)
     run.train_stream = recorder  # train_loop only iterates it
-    model, loop_kwargs = wrap_like_entrypoint(cfg, run, str(cfg.benchmark.strategy))
+    model, loop_kwargs = wrap_like_entrypoint(run, str(cfg.benchmark.strategy))
     optimizer = build_optimizer(cfg, model, device)
     scheduler = build_scheduler(cfg, optimizer)
     metrics = train_loop(run, model, optimizer, scheduler, **loop_kwargs).metrics

@@ -29,7 +29,7 @@ from checkpoint import DistributedStateDict
 from distributed import DistributedContext
 from model import build_model
 from parallel import compile_transformer_layers, use_torch_compile
-from training import build_optimizer, build_scheduler, setup_run, train
+from training import Run, build_optimizer, build_scheduler, setup_run, train
 
 
 def wrap_model(model: nn.Module, context: DistributedContext) -> DistributedDataParallel:
@@ -57,15 +57,22 @@ def forward_precision(context: DistributedContext) -> Callable[[], AbstractConte
     return contextlib.nullcontext
 
 
+def build_replicated_model(run: Run) -> DistributedDataParallel:
+    """The model as this strategy trains it: built in place on this rank's device, compiled if asked, replicated.
+
+    A full replica lives on every rank anyway, so there is no meta device, whatever use_meta_device says. The plain
+    module stays reachable as `.module` (export unwraps it).
+    """
+    model = build_model(run.cfg, run.model_config, use_te=run.use_te, device=run.context.device)
+    if use_torch_compile(run.cfg):
+        compile_transformer_layers(model)
+    return wrap_model(model, run.context)
+
+
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run = setup_run(cfg)
-    # A full replica lives on every rank anyway, so the model is built in place: no meta device, whatever
-    # use_meta_device says.
-    model = build_model(cfg, run.model_config, use_te=run.use_te, device=run.context.device)
-    if use_torch_compile(cfg):
-        compile_transformer_layers(model)
-    ddp_model = wrap_model(model, run.context)  # `model` stays the plain module, for export
+    ddp_model = build_replicated_model(run)
     optimizer = build_optimizer(cfg, ddp_model, run.context.device)
     scheduler = build_scheduler(cfg, optimizer)
     train(

@@ -47,9 +47,9 @@ def fsdp2_grad_sync(model: FSDPModule, sync: bool) -> Iterator[None]:
     yield
 
 
-@hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run = setup_run(cfg)
+def build_sharded_model(run: Run) -> nn.Module:
+    """The model as this strategy trains it: built (on meta where possible), compiled if asked, sharded, allocated."""
+    cfg = run.cfg
     # The TE model is built on the meta device and each rank allocates only its shards; the small reference model
     # (CPU runs) is built whole, so its initial weights do not depend on the number of ranks.
     on_meta = bool(cfg.use_meta_device) and run.use_te and not cfg.pretrained
@@ -59,6 +59,13 @@ def main(cfg: DictConfig) -> None:
     shard_model(model, run)
     if on_meta:
         materialize(model, run.context.device)  # allocates only this rank's shards
+    return model
+
+
+@hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run = setup_run(cfg)
+    model = build_sharded_model(run)
     optimizer = build_optimizer(cfg, model, run.context.device)
     scheduler = build_scheduler(cfg, optimizer)
     train(run, model, optimizer, scheduler, DistributedStateDict(), grad_sync=fsdp2_grad_sync)  # sharded DCP
