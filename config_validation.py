@@ -66,6 +66,8 @@ def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool) -> N
     check("logger.log_every_n_steps", _positive_int, "must be a positive integer")
     check("validation.every_n_steps", lambda v: isinstance(v, int) and v >= 0, "must be >= 0 (0 disables validation)")
     check("validation.max_batches", _positive_int, "must be a positive integer")
+    if "fp32_residual_connection" in cfg:
+        check("fp32_residual_connection", lambda v: isinstance(v, bool), "must be true or false")
     check("use_te", lambda v: str(v).lower() in USE_TE_CHOICES, f"must be one of {USE_TE_CHOICES}")
     check("wandb.mode", lambda v: v in ("online", "offline", "disabled"), "must be online, offline or disabled")
     check(

@@ -118,6 +118,7 @@ def build_model(cfg: Any, config: EsmConfig, *, use_te: bool, device: torch.devi
         attn_input_format="thd" if cfg.get("use_sequence_packing", False) else "bshd",
         fp8_layers=list(cfg.fp8_layers) if cfg.get("fp8_layers") is not None else None,
         params_dtype=str(dtype).removeprefix("torch."),
+        fp32_residual_connection=bool(cfg.get("fp32_residual_connection", False)),
     )
     if pretrained:
         model = NVEsmForMaskedLM.from_hf_checkpoint(model_directory(cfg.model_tag), config=te_config).to(device)

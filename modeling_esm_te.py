@@ -42,6 +42,7 @@ from convert import (
     round_up_vocab,
     te_vocab_rows,
 )
+from parallel import normal_init_
 
 # ESM-2 masked 15% of tokens and replaced 80% of those with <mask>; token dropout rescales embeddings by this ratio.
 MASK_RATIO_TRAIN = 0.15 * 0.8
@@ -61,6 +62,10 @@ class NVEsmConfig(EsmConfig):
             tensor cores); None means no padding. Logits are always sliced back to ``vocab_size``.
         fp8_layers: 1-based layer numbers that run in FP8 once ``set_fp8`` is given a recipe; None means all layers.
         params_dtype: dtype parameters are created in (``"float32"``, ``"bfloat16"`` or ``"float16"``).
+        fp32_residual_connection: keep the residual stream between and inside the layers in FP32 while the layers
+            compute in BF16, as transformers' ESM does under ``torch.autocast``. ``te.TransformerLayer`` otherwise
+            casts it to the compute dtype, which rounds every residual add to BF16: the gradients then drift further
+            from FP32 (measured at 650M in tests/test_modeling_te_gpu.py), at a small cost in speed and memory.
 
     """
 
@@ -71,6 +76,7 @@ class NVEsmConfig(EsmConfig):
     padded_vocab_size: int | None = 64
     fp8_layers: list[int] | None = None
     params_dtype: str = "float32"
+    fp32_residual_connection: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -79,8 +85,9 @@ class NVEsmConfig(EsmConfig):
     def _validate_te_options(self) -> None:
         if self.attn_input_format not in ATTN_INPUT_FORMATS:
             raise ValueError(f"attn_input_format must be one of {ATTN_INPUT_FORMATS}, got {self.attn_input_format!r}")
-        if not isinstance(self.fuse_qkv_params, bool):
-            raise ValueError(f"fuse_qkv_params must be a bool, got {self.fuse_qkv_params!r}")
+        for flag in ("fuse_qkv_params", "fp32_residual_connection"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.params_dtype not in PARAMS_DTYPES:
             raise ValueError(f"params_dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}")
         if self.padded_vocab_size is not None:
@@ -212,6 +219,39 @@ class NVEsmEmbeddings(nn.Module):
         return (masked / lengths)[segment]
 
 
+class EsmTransformerLayer(te.TransformerLayer):
+    """``te.TransformerLayer`` that can keep its residual stream in FP32 (``config.fp32_residual_connection``).
+
+    Under ``torch.autocast`` TE casts the layer input, and with it the residual, to BF16. With the option on, the two
+    residual adds run here in FP32 and only the inputs of TE's fused LayerNorm+GEMM modules are BF16; the
+    parameters, their names and the kernels are the same as ``te.TransformerLayer``'s, so checkpoints interchange.
+    """
+
+    def __init__(self, *, fp32_residual_connection: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fp32_residual_connection = fp32_residual_connection
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if not self.fp32_residual_connection:
+            return super().forward(hidden_states, **kwargs)
+        # MultiheadAttention's own default mask type is causal; the layer's is the one it was built with (padding).
+        kwargs["attn_mask_type"] = kwargs.pop("self_attn_mask_type", None) or self.self_attn_mask_type
+        residual = hidden_states.float()
+        attention, attention_bias = self.self_attention(self._compute_input(residual), **kwargs)
+        residual = residual + self._dropout(attention + attention_bias)
+        mlp, mlp_bias = self.layernorm_mlp(self._compute_input(residual))
+        return residual + self._dropout(mlp + mlp_bias)
+
+    def _compute_input(self, residual: torch.Tensor) -> torch.Tensor:
+        """What TE's modules take: FP32 under autocast (they cast it themselves), else the parameters' dtype."""
+        if torch.is_autocast_enabled():
+            return residual
+        return residual.to(self.layernorm_mlp.layer_norm_weight.dtype)
+
+    def _dropout(self, tensor: torch.Tensor) -> torch.Tensor:
+        return F.dropout(tensor, p=self.hidden_dropout, training=self.training)
+
+
 class NVEsmEncoder(nn.Module):
     """The ``te.TransformerLayer`` stack and ESM-2's final LayerNorm; FP8 applies inside this module only."""
 
@@ -222,7 +262,8 @@ class NVEsmEncoder(nn.Module):
         # str; given torch.device("meta") it would materialise every weight on the GPU.
         te_device = "meta" if device.type == "meta" else device
         self.layers = nn.ModuleList(
-            te.TransformerLayer(
+            EsmTransformerLayer(
+                fp32_residual_connection=config.fp32_residual_connection,
                 hidden_size=config.hidden_size,
                 ffn_hidden_size=config.intermediate_size,
                 num_attention_heads=config.num_attention_heads,
@@ -265,7 +306,10 @@ class NVEsmEncoder(nn.Module):
             for layer in self.layers:
                 with self._layer_precision(layer.layer_number):
                     hidden_states = layer(hidden_states, **layer_kwargs)
-        return self.emb_layer_norm_after(hidden_states)
+        final_norm = self.emb_layer_norm_after
+        if not torch.is_autocast_enabled():  # an FP32 residual stream meets BF16 weights
+            hidden_states = hidden_states.to(final_norm.weight.dtype)
+        return final_norm(hidden_states)
 
 
 class EsmContactHeadWeights(nn.Module):
@@ -400,9 +444,7 @@ class NVEsmForMaskedLM(nn.Module):
                 elif name.endswith("bias"):
                     param.zero_()
                 else:
-                    # On an FSDP2 DTensor this is DTensor's random op, which gives every shard its own part of one
-                    # random tensor; drawing into each local shard would repeat the same numbers on every rank.
-                    param.normal_(mean=0.0, std=std)
+                    normal_init_(param, std)  # FSDP2 shards: the same values as unsharded, on any number of GPUs
         self._zero_unused_embedding_rows()
 
         rotary = self.esm.rotary_embeddings

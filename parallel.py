@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model import transformer_layers
 
@@ -59,3 +59,34 @@ def local_gradients(model: nn.Module) -> list[LocalGradient]:
         local = grad.to_local() if isinstance(grad, DTensor) else grad
         parts.append(LocalGradient(name.removeprefix("module."), local, sharded))
     return parts
+
+
+def parameter_memory_gib(model: nn.Module) -> tuple[float, float]:
+    """(GiB of parameters this rank stores, GiB of the whole model's parameters): what sharding saves per GPU.
+
+    Counts the parameters the optimizer steps (FP32 master weights where the strategy keeps them), each tied weight
+    once; a sharded parameter counts its local shard on this rank and its full size in the total.
+    """
+    local = whole = 0
+    for param in model.parameters():
+        stored = param.to_local() if isinstance(param, DTensor) else param
+        local += stored.numel() * stored.element_size()
+        whole += param.numel() * param.element_size()
+    return local / 2**30, whole / 2**30
+
+
+@torch.no_grad()
+def normal_init_(param: torch.Tensor, std: float) -> None:
+    """Fill `param` from N(0, std) with the values it would get unsharded, whatever the number of ranks.
+
+    Every rank draws the whole tensor from the (identically seeded) global generator and keeps its own shard, so an
+    FSDP2-sharded model starts from the same weights on 1, 2 or N GPUs. DTensor's own random ops do not promise
+    that: on GPU each shard gets a different part of the random stream depending on how many shards there are, and
+    on CPU every rank draws the same numbers for its shard. One parameter at a time is whole on each rank.
+    """
+    if not isinstance(param, DTensor):
+        param.normal_(mean=0.0, std=std)
+        return
+    local = param.to_local()
+    full = torch.empty(param.shape, dtype=local.dtype, device=local.device).normal_(mean=0.0, std=std)
+    local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())

@@ -22,7 +22,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import torch
@@ -35,6 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from checkpoint import MegatronFSDPStateDict
 from model import build_model, transformer_layers
 from parallel import local_gradients, use_torch_compile
+from precision import fp8_enabled
 from training import Run, build_optimizer, build_scheduler, setup_run, train
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,32 @@ def esm2_initialisation_on_materialisation(model: nn.Module, device: torch.devic
             del module.reset_parameters
 
 
+class MaskedLMTuple(NamedTuple):
+    """The model's output as a tuple: `.loss` and `.logits` read as before (see `return_tuple_outputs`)."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+def return_tuple_outputs(model: nn.Module) -> None:
+    """Make `model(...)` return a `MaskedLMTuple` instead of transformers' `MaskedLMOutput` (a dict).
+
+    Megatron-FSDP starts each backward pass with a hook on the gradient of the root module's output, and only finds
+    output tensors in a tensor, tuple or list. With a dict output that hook never fires; megatron-fsdp 0.6.1 then
+    falls back to a hook on the last submodule it registered (the LM decoder), which fires after the LM-head bias
+    already has its gradient. On more than one GPU that (a) zeroed the LM-head bias gradient and (b) reduced the
+    gradient bucket of every parameter outside the transformer layers twice, so embeddings, final LayerNorm and LM
+    head got the sum over ranks instead of the mean. benchmarks/mfsdp_gradient_check.py shows both, and the fix.
+    """
+    forward = model.forward
+
+    def forward_returning_tuple(*args: Any, **kwargs: Any) -> MaskedLMTuple:
+        output = forward(*args, **kwargs)
+        return MaskedLMTuple(output.loss, output.logits)
+
+    model.forward = forward_returning_tuple
+
+
 def shard_model(model: nn.Module, run: Run, options: MegatronFSDPOptions, on_meta: bool) -> MegatronFSDP:
     """Wrap `model` in Megatron-FSDP: one FSDP unit per transformer layer, embeddings and LM head in the rest."""
     context = run.context
@@ -183,6 +210,7 @@ def shard_model(model: nn.Module, run: Run, options: MegatronFSDPOptions, on_met
         main_params_dtype=torch.float32 if fp32_main_weights else None,
         main_grads_dtype=REDUCE_DTYPES[options.grad_reduce_dtype] if fp32_main_weights else None,
     )
+    return_tuple_outputs(model)
     initialisation = (
         esm2_initialisation_on_materialisation(model, context.device) if on_meta else contextlib.nullcontext()
     )
@@ -282,12 +310,11 @@ def clip_sharded_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 def main(cfg: DictConfig) -> None:
     options = check_can_run(cfg)  # fails here on CPU, before any data or model is built
     run = setup_run(cfg)
-    if run.context.world_size > 1:
+    if run.context.world_size > 1 and fp8_enabled(cfg):
         logger.warning(
-            "Known defect (megatron-fsdp 0.6 with this recipe, measured on 2 GPUs): the gradients of the parameters "
-            "outside the transformer layers (embeddings, final LayerNorm, LM head) come out summed instead of "
-            "averaged over ranks (2x on 2 GPUs), and the LM-head bias gets no gradient. The transformer layers are "
-            "right. Prefer train_fsdp2.py for multi-GPU runs until this is fixed (README: Parallelism)."
+            "Open problem: Megatron-FSDP with FP8 on several GPUs diverged for a while in our 2-GPU test run (the same "
+            "run in BF16, and FSDP2 or DDP in FP8, did not); prefer train_fsdp2.py for multi-GPU FP8 (README: "
+            "Parallelism)."
         )
     # Megatron-FSDP refuses meta-device models with no_shard (nothing to shard); pretrained weights are loaded whole.
     on_meta = bool(cfg.use_meta_device) and not cfg.pretrained and options.zero_dp_strategy != "no_shard"

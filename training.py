@@ -30,7 +30,7 @@ from config_validation import validate_config
 from dataset import EpochLoader, build_dataloaders, resolve_path
 from distributed import DistributedContext, destroy_distributed, init_distributed
 from model import load_model_config, resolve_use_te
-from parallel import local_gradients
+from parallel import local_gradients, parameter_memory_gib
 from perf_logger import PerfLogger
 from precision import check_gpu_supports, fp8_enabled
 from scheduler import build_esm2_scheduler
@@ -251,6 +251,8 @@ def train(
     clip_grads: ClipGrads = clip_grad_norm,
 ) -> TrainResult:
     """Everything after wrapping: resume from the newest checkpoint, train, save, export, leave the process group."""
+    local_gib, whole_gib = parameter_memory_gib(model)
+    logger.info("Parameters stored on this rank: %.4g GiB of the model's %.4g GiB.", local_gib, whole_gib)
     checkpointer = Checkpointer(run.cfg, run, model, optimizer, scheduler, checkpoint_flavour)
     result = train_loop(
         run,

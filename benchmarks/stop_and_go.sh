@@ -10,27 +10,11 @@ STEPS=${STEPS:-16}
 RUNS=$(mktemp -d)
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PRECISION=${PRECISION:-fp8_thd}
-common=(--config-name L0_sanity "precision=$PRECISION" "num_train_steps=$STEPS" logger.log_every_n_steps=1
+COMMON=(--config-name L0_sanity "precision=$PRECISION" "num_train_steps=$STEPS" logger.log_every_n_steps=1
   logger.progress_bar=false validation.every_n_steps=0 checkpoint.save_every_n_steps=1000)
 
-pack() { tar czf "$OUT/stop_and_go.tgz" --exclude="./ckpt_*" -C "$RUNS" . ; }  # after every run: a cut-off keeps logs
-train() {  # train NAME NPROC ENTRYPOINT OVERRIDES...
-  local name=$1 nproc=$2 entry=$3; shift 3
-  local start=$SECONDS
-  PYTHONFAULTHANDLER=1 torchrun --standalone --nproc_per_node="$nproc" "$entry" "${common[@]}" \
-    "hydra.run.dir=$RUNS/hydra/$name" "$@" > "$RUNS/$name.log" 2>&1 &
-  local pid=$!
-  while kill -0 "$pid" 2> /dev/null && ((SECONDS - start < ${RUN_LIMIT:-120})); do sleep 1; done
-  if kill -0 "$pid" 2> /dev/null; then  # hung: every rank prints its Python stacks (faulthandler), then all stop
-    echo "=== no progress after ${RUN_LIMIT:-120} s: stacks of every rank follow ===" >> "$RUNS/$name.log"
-    pkill -ABRT -f "$entry --config-name"; sleep 5; pkill -KILL -f "$entry --config-name"; pkill -KILL -f torchrun
-  fi
-  wait "$pid"
-  local rc=$?
-  echo "$name: rc=$rc ${nproc} GPU(s) $entry $((SECONDS - start)) s" | tee -a "$RUNS/status.txt"
-  pack
-  return $rc
-}
+ARCHIVE=stop_and_go.tgz
+source "$(dirname "$0")/launch.sh"
 
 for entry in train_fsdp2 train_mfsdp; do
   ckpt=$RUNS/ckpt_$entry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -44,3 +45,10 @@ def read_fasta_sequences(limit: int | None = None) -> list[str]:
 
     sequences = [record["sequence"].rstrip("*") for record in read_fasta([str(SAMPLE_FASTA)])]
     return sequences[:limit]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a local process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,12 +1,12 @@
 """Gradient clipping over Megatron-FSDP's uneven gradient shards, on two CPU processes (gloo)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -20,12 +20,6 @@ FULL = {
     "scale": torch.tensor([0.5, 0.5]),
 }
 ROWS = {0: {"weight": slice(0, 3), "bias": slice(0, 2)}, 1: {"weight": slice(3, 4), "bias": None}}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int, max_norm: float, results: dict) -> None:
@@ -55,7 +49,7 @@ def _worker(rank: int, port: int, max_norm: float, results: dict) -> None:
 def test_clipping_uses_the_global_norm_of_uneven_shards(max_norm):
     expected_norm = torch.cat([t.flatten() for t in FULL.values()]).norm().item()
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), max_norm, results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), max_norm, results), nprocs=2, join=True)
     factor = min(1.0, max_norm / (expected_norm + 1e-6))
     for rank in (0, 1):
         norm, shards = results[rank]

@@ -11,8 +11,8 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPE_DIR, compose
+from conftest import RECIPE_DIR, compose, free_port
 
 import train_mfsdp
 from model import build_model, load_model_config
@@ -61,12 +61,6 @@ def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def one_and_two_ranks(tmp_path_factory):
     """Metrics of an entrypoint's run on one rank (micro-batch 8) and on two ranks (micro-batch 4 each), run once."""
@@ -87,6 +81,7 @@ def one_and_two_ranks(tmp_path_factory):
             result = launch(args, out_dir, nproc=nproc)
             assert result.returncode == 0, result.stderr[-3000:]
             metrics[nproc] = read_metrics(metrics_file)
+            metrics[f"log_{nproc}"] = result.stdout + result.stderr
             metrics[f"grad_norms_{nproc}"] = json.loads((out_dir / "grad_norms.json").read_text())
         return metrics
 
@@ -101,6 +96,22 @@ def test_two_rank_run_completes_with_validation(one_and_two_ranks, entrypoint):
     assert [m["step"] for m in train] == [1, 2, 3]
     assert all(math.isfinite(m["train/loss"]) for m in train)
     assert math.isfinite(next(m["val/loss"] for m in metrics if "val/loss" in m))
+
+
+def stored_parameter_gib(log: str) -> tuple[float, float]:
+    match = re.search(r"Parameters stored on this rank: ([\d.e+-]+) GiB of the model's ([\d.e+-]+) GiB", log)
+    assert match, log[-2000:]
+    return float(match[1]), float(match[2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("entrypoint", "share"), [("train_ddp.py", 1.0), ("train_fsdp2.py", 0.5)])
+def test_sharding_divides_the_parameters_each_rank_stores(one_and_two_ranks, entrypoint, share):
+    runs = one_and_two_ranks(entrypoint)
+    one_local, one_whole = stored_parameter_gib(runs["log_1"])
+    two_local, two_whole = stored_parameter_gib(runs["log_2"])
+    assert one_local == one_whole == two_whole
+    assert two_local == pytest.approx(share * one_whole, rel=0.02)
 
 
 @pytest.mark.slow
@@ -287,6 +298,22 @@ def test_megatron_fsdp_refuses_torch_compile_and_bad_options():
     assert "mfsdp.zero_dp_strategy='zero3' must be one of" in message
     assert "mfsdp.overlap: unknown key" in message
     assert CUDA_MESSAGE in message  # this machine has no GPU: every reason is listed at once
+
+
+def test_megatron_fsdp_sees_the_model_output_as_a_tuple():
+    """Megatron-FSDP hooks the start of backward only on tensor/tuple/list outputs, not on a transformers dict."""
+    cfg = compose("L0_sanity")
+    model = build_model(cfg, load_model_config(cfg.model_tag), use_te=False, device="cpu")
+    input_ids = torch.tensor([[0, 5, 32, 9, 2]])
+    labels = torch.tensor([[-100, -100, 6, -100, -100]])
+    expected = model(input_ids=input_ids, labels=labels)
+    train_mfsdp.return_tuple_outputs(model)
+    output = model(input_ids=input_ids, labels=labels)
+    assert isinstance(output, tuple) and not isinstance(expected, tuple)
+    assert torch.equal(output.logits, expected.logits) and torch.equal(output.loss, expected.loss)
+    assert output.logits is output[1]
+    output.loss.backward()
+    assert model.lm_head.bias.grad.abs().sum() > 0
 
 
 def test_megatron_fsdp_meta_materialisation_gives_esm2_init():

@@ -86,6 +86,7 @@ def test_two_process_fsdp2_ranks_train_on_disjoint_samples(tmp_path):
         ("dataset.max_seq_length=2048", "from 3 to the model's max_position_embeddings (1026)"),
         ("optimizer.lr=0", "optimizer.lr=0: must be positive"),
         ("use_te=maybe", "use_te='maybe'"),
+        ("fp32_residual_connection=yes", "fp32_residual_connection='yes': must be true or false"),
     ],
 )
 def test_bad_values_are_reported_clearly(override, message):
