@@ -22,15 +22,15 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_mfsdp
+from collator import IGNORE_INDEX
 from model import load_model_config
 from modeling_esm_te import NVEsmConfig, NVEsmForMaskedLM
 from train_mfsdp import MegatronFSDPOptions, cast_parameters, mfsdp_grad_sync, shard_model
-from training import gradient_norms
+from training import gradient_norms, mlm_loss, model_inputs
 
 TOLERANCE = 0.05
 CLS_ID, EOS_ID = 0, 2  # the ESM alphabet's <cls> and <eos> (tokenizers/esm2)
@@ -43,7 +43,7 @@ def make_batch(rank: int, config: NVEsmConfig, device: torch.device, size: int, 
     input_ids[:, 0], input_ids[:, -1] = CLS_ID, EOS_ID
     selected = torch.rand(input_ids.shape, generator=generator) < 0.15
     selected[:, 0] = selected[:, -1] = False
-    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     input_ids = input_ids.masked_fill(selected, config.mask_token_id)
     mask = torch.ones_like(input_ids)
     return {
@@ -52,8 +52,7 @@ def make_batch(rank: int, config: NVEsmConfig, device: torch.device, size: int, 
 
 
 def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+    return mlm_loss(model(**model_inputs(batch)).logits, batch["labels"], reduction="sum")
 
 
 class HookCounter:
@@ -142,7 +141,7 @@ def main() -> int:
     reference.load_state_dict(full, strict=False)
 
     batches = [make_batch(r, config, device, args.batch, args.length) for r in range(world)]
-    total = float(sum(int((b["labels"] != -100).sum()) for b in batches))
+    total = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
 
     wrapped.train()
     with mfsdp_grad_sync(wrapped, True):
