@@ -4,9 +4,9 @@
     python benchmark.py --config-name benchmark benchmark.models=[esm2_t36_3B_UR50D] benchmark.profile=true
 
 Each (model, variant) pair runs the real recipe, as users run it: the Hydra config with the variant's overrides,
-`setup_run`, the model wrapped as `train_ddp.py` (default) or `train_fsdp2.py` wraps it, fused AdamW and
-`train_loop` (forward, backward, clipping, optimizer step), on the shipped proteome's real length distribution and
-the same capacity of `token_budget` tokens per step. It reports
+`setup_run`, the model built and wrapped by the chosen entrypoint's own `STRATEGY` (`benchmark.strategy`: ddp, the
+default, fsdp2 or mfsdp), fused AdamW and `train_loop` (forward, backward, clipping, optimizer step), on the shipped
+proteome's real length distribution and the same capacity of `token_budget` tokens per step. It reports
 unpadded tokens/s per GPU, model TFLOP/s, MFU, step time, peak memory and the padding fraction as a markdown table,
 JSON and a bar chart; the GPU's dense BF16 and FP8 matmul ceilings are measured in the same run.
 
@@ -49,12 +49,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import EsmConfig
 
+import train_ddp
+import train_fsdp2
+import train_mfsdp
 from distributed import destroy_distributed
 from model import count_parameters, te_unavailable_reason
-from precision import FP8_RECIPES, fp8_enabled
-from train_ddp import build_replicated_model, ddp_grad_sync, forward_precision
-from train_fsdp2 import build_sharded_model, fsdp2_grad_sync
-from training import Run, build_optimizer, build_scheduler, setup_run, train_loop
+from parallel import unwrap
+from precision import fp8_enabled, unsupported_reason
+from training import Run, Strategy, build_training, setup_run, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +66,21 @@ README_START, README_END = "<!-- benchmark-results:start -->", "<!-- benchmark-r
 FLOP_FORMULA = "FLOPs/step = Σ_seq [6·P_matmul·s + 12·L·H·s²], P_matmul = L·(4H² + 2HI) + H² + H·V, s = real tokens"
 
 
+STRATEGIES: dict[str, Strategy] = {
+    "ddp": train_ddp.STRATEGY,
+    "fsdp2": train_fsdp2.STRATEGY,
+    "mfsdp": train_mfsdp.STRATEGY,
+}
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One way to train the same model: implementation, precision preset (hydra_config/precision/) and padding."""
+    """One way to train the same model: implementation, precision (hydra_config/precision/), packing and padding."""
 
     label: str
     use_te: bool
     precision: str
+    packed: bool = False
     pad_to_max_length: bool = False
 
 
@@ -78,11 +88,11 @@ VARIANTS: dict[str, Variant] = {
     "hf_pad1024": Variant("transformers (SDPA), padded to max_seq_length", False, "bf16", pad_to_max_length=True),
     "hf_padlongest": Variant("transformers (SDPA), padded to the longest", False, "bf16"),
     "te_bshd": Variant("TE, padded to the longest (BSHD)", True, "bf16"),
-    "te_thd": Variant("TE, packed (THD)", True, "bf16_thd"),
-    "te_thd_fp8_delayed": Variant("TE THD + FP8 delayed scaling", True, "fp8_thd"),
-    "te_thd_fp8_current": Variant("TE THD + FP8 current scaling", True, "fp8_current_thd"),
-    "te_thd_fp8_block": Variant("TE THD + FP8 block scaling", True, "fp8_block_thd"),
-    "te_thd_mxfp8": Variant("TE THD + MXFP8 (Blackwell)", True, "mxfp8_thd"),
+    "te_thd": Variant("TE, packed (THD)", True, "bf16", packed=True),
+    "te_thd_fp8_delayed": Variant("TE THD + FP8 delayed scaling", True, "fp8_delayed", packed=True),
+    "te_thd_fp8_current": Variant("TE THD + FP8 current scaling", True, "fp8_current", packed=True),
+    "te_thd_fp8_block": Variant("TE THD + FP8 block scaling", True, "fp8_block", packed=True),
+    "te_thd_mxfp8": Variant("TE THD + MXFP8 (Blackwell)", True, "mxfp8", packed=True),
 }
 
 
@@ -139,6 +149,7 @@ def variant_config(base: DictConfig, model_tag: str, variant: Variant, warmup: i
         "use_te": str(variant.use_te).lower(),
         "num_train_steps": warmup + timed,
         "grad_acc_steps": 1,
+        "use_sequence_packing": variant.packed,
         "token_micro_batch_size": budget,
         "dataset": {"micro_batch_size": budget // seq, "pad_to_max_length": variant.pad_to_max_length},
         "validation": {"every_n_steps": 0},
@@ -148,47 +159,32 @@ def variant_config(base: DictConfig, model_tag: str, variant: Variant, warmup: i
     return OmegaConf.merge(base, preset, overrides)
 
 
-def skip_reason(cfg: DictConfig, variant: Variant) -> str | None:
-    """Why this variant cannot run on this machine (no TE, or an FP8 recipe this GPU lacks), or None."""
+def skip_reason(cfg: DictConfig, variant: Variant, strategy: Strategy) -> str | None:
+    """Why this variant cannot run on this machine (no GPU or TE, or an FP8 recipe this GPU lacks), or None."""
+    if strategy.needs_cuda and not torch.cuda.is_available():
+        return f"{strategy.name} needs CUDA GPUs"
     if variant.use_te and (reason := te_unavailable_reason()):
         return f"TE model: {reason}"
     if fp8_enabled(cfg):
-        spec = FP8_RECIPES[cfg.fp8_config.recipe]
-        if torch.cuda.get_device_capability() < spec.min_capability:
-            return f"{spec.te_class} needs {spec.hardware}"
+        return unsupported_reason(cfg.fp8_config.recipe, torch.device("cuda", torch.cuda.current_device()))
     return None
-
-
-STRATEGIES = ("ddp", "fsdp2")
-
-
-def wrap_like_entrypoint(run: Run, strategy: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model built and wrapped by `train_<strategy>.py`'s own function, and the loop arguments that go with it."""
-    if strategy == "ddp":
-        return build_replicated_model(run), {
-            "grad_sync": ddp_grad_sync,
-            "forward_context": forward_precision(run.context),
-        }
-    return build_sharded_model(run), {"grad_sync": fsdp2_grad_sync}
 
 
 def run_variant(cfg: DictConfig, warmup: int, timed: int, profile_prefix: Path | None) -> dict[str, Any]:
     """Train warm-up + timed steps as the strategy's entrypoint does (no checkpoints) and measure the timed window."""
-    run = setup_run(cfg)
-    device = run.context.device
+    strategy = STRATEGIES[cfg.benchmark.strategy]
+    run = setup_run(cfg, strategy)
     recorder = LengthRecorder(run.train_stream, run.tokenizer.pad_token_id)
     run.train_stream = recorder  # train_loop only iterates it
-    model, loop_kwargs = wrap_like_entrypoint(run, str(cfg.benchmark.strategy))
-    optimizer = build_optimizer(cfg, model, device)
-    scheduler = build_scheduler(cfg, optimizer)
-    metrics = train_loop(run, model, optimizer, scheduler, **loop_kwargs).metrics
+    model, optimizer, scheduler = build_training(run, strategy)
+    metrics = train_loop(run, model, optimizer, scheduler, strategy).metrics
     window = recorder.lengths[warmup : warmup + timed]
     elapsed = metrics["train/step_time_s"] * timed
     flops = sum(model_flops(lengths, run.model_config) for lengths in window)
     row: dict[str, Any] = {
         "status": "ok",
         "parameters": count_parameters(model),
-        "attention": "TE" if run.use_te else getattr(model, "module", model).config._attn_implementation,
+        "attention": "TE" if run.use_te else unwrap(model).config._attn_implementation,
         "tokens_per_s": metrics["train/tokens_per_s_per_gpu"],
         "padded_tokens_per_s": metrics["train/padded_tokens_per_s_per_gpu"],
         "step_time_s": metrics["train/step_time_s"],
@@ -204,12 +200,12 @@ def run_variant(cfg: DictConfig, warmup: int, timed: int, profile_prefix: Path |
     if recorder.epochs[warmup - 1] != recorder.epochs[warmup + timed - 1]:
         row["reason"] = "an epoch boundary (data-loader restart) fell in the timed window"
     if profile_prefix is not None:
-        profile_steps(run, model, optimizer, scheduler, loop_kwargs, profile_prefix, int(cfg.benchmark.profile_steps))
+        profile_steps(run, model, optimizer, scheduler, strategy, profile_prefix, int(cfg.benchmark.profile_steps))
     return row
 
 
 def profile_steps(
-    run: Run, model: Any, optimizer: Any, scheduler: Any, loop_kwargs: dict[str, Any], prefix: Path, steps: int
+    run: Run, model: Any, optimizer: Any, scheduler: Any, strategy: Strategy, prefix: Path, steps: int
 ) -> None:
     """Profile a few more steps with torch.profiler, after the timed window so the profiler cannot perturb it."""
     cuda = run.context.uses_cuda
@@ -229,7 +225,7 @@ def profile_steps(
     schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write) as prof:
         step = lambda _: bool(prof.step())  # noqa: E731  (after_step: advance the profiler's schedule, never stop)
-        train_loop(run, model, optimizer, scheduler, start_step=start, after_step=step, **loop_kwargs)
+        train_loop(run, model, optimizer, scheduler, strategy, start_step=start, after_step=step)
 
 
 def device_busy_summary(prof: torch.profiler.profile, steps: int) -> str:
@@ -271,7 +267,7 @@ def measure(base: DictConfig, model_tag: str, name: str, warmup: int, timed: int
     try:
         cfg = variant_config(base, model_tag, variant, warmup, timed)
         row["fp8"] = fp8_enabled(cfg)
-        if reason := skip_reason(cfg, variant):
+        if reason := skip_reason(cfg, variant, STRATEGIES[cfg.benchmark.strategy]):
             return row | {"status": "skipped", "reason": reason}
         return row | run_variant(cfg, warmup, timed, profile)
     except torch.OutOfMemoryError:
@@ -467,7 +463,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     if timed < 1 or budget < seq:
         raise ValueError(f"Need timed_steps >= 1 and token_budget ({budget}) >= dataset.max_seq_length ({seq}).")
     if bench.strategy not in STRATEGIES:
-        raise ValueError(f"benchmark.strategy={bench.strategy!r} must be one of {STRATEGIES}.")
+        raise ValueError(f"benchmark.strategy={bench.strategy!r} must be one of {tuple(STRATEGIES)}.")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     now = datetime.now()
@@ -489,7 +485,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         "timed_steps": timed,
         "strategy": str(bench.strategy),
         "weights": "FP32 master weights"
-        if cfg.get("use_fp32_master_weights", True)
+        if cfg.use_fp32_master_weights
         else "BF16 weights and optimizer state (use_fp32_master_weights=false)",
         "flop_formula": FLOP_FORMULA,
     }
@@ -497,7 +493,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"meta": meta, "rows": []}
     out_dir = Path(bench.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = "fp32-master" if cfg.get("use_fp32_master_weights", True) else "bf16-weights"
+    weights = "fp32-master" if cfg.use_fp32_master_weights else "bf16-weights"
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     stem = out_dir / f"benchmark_{slug}_{now:%Y-%m-%d}_{bench.strategy}_{weights}"
     for model_tag in bench.models:

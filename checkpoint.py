@@ -26,36 +26,42 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 from torch.distributed.tensor import DTensor
 
-from convert import export_hf_model
-from dataset import resolve_path
-from model import is_te_model
+from convert import EXTRA_STATE_SUFFIX
+from distributed import DistributedContext, any_rank, broadcast_object
+from parallel import plain_name
 
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
-EXTRA_STATE_SUFFIX = "._extra_state"
 TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
-# DCP reports a failure on any rank as CheckpointException, which derives from BaseException, not Exception.
-CHECKPOINT_ERRORS = (Exception, CheckpointException)
+
+
+def checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """What a failed save or load raises (DCP's CheckpointException derives from BaseException, not Exception).
+
+    torch.distributed.checkpoint is imported when first needed: it slows every import of the recipe.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+class Stateful(Protocol):
+    """What `torch.distributed.checkpoint` calls a Stateful: a part of the run that saves and restores itself."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 class CheckpointError(RuntimeError):
@@ -80,10 +86,14 @@ class DistributedStateDict:
     """
 
     def get(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_state, optim_state = get_state_dict(model, optimizer)
         return {"model": _without_extra_state(model_state), "optimizer": optim_state}
 
     def set(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
         set_state_dict(
             model,
             optimizer,
@@ -93,6 +103,8 @@ class DistributedStateDict:
         )
 
     def full_model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _without_extra_state(state)
 
@@ -113,7 +125,7 @@ class MegatronFSDPStateDict:
         full = {}
         for name, value in _without_extra_state(model.state_dict()).items():
             tensor = uneven_dtensor_to_full_tensor(value) if isinstance(value, DTensor) else value
-            full[name.removeprefix("module.")] = tensor.detach().cpu()
+            full[plain_name(name)] = tensor.detach().cpu()
         return full
 
 
@@ -165,6 +177,80 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ModelAndOptimizer:
+    """Model and optimizer state as the strategy's flavour presents it: sharded (DTensor) state for DCP."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, flavour: StateDictFlavour) -> None:
+        self.model, self.optimizer, self.flavour = model, optimizer, flavour
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.flavour.get(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.flavour.set(self.model, self.optimizer, state_dict)
+
+
+class TEExtraState:
+    """TransformerEngine's FP8 scaling state of every module of `model` (per rank; empty without TE)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return _te_extra_states(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _restore_te_extra_states(self.model, state_dict)
+
+
+class RNGState:
+    """The Python, NumPy, torch and CUDA random generators of this process."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return _rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _set_rng_state(state_dict)
+
+
+@dataclass
+class CheckpointParts:
+    """The `Stateful` pieces of a training run that a checkpoint holds, and where each goes.
+
+    `model_optim`: sharded through DCP (reshards on load). `scheduler`: the same on every rank, saved once.
+    `data`: the loader position, saved once (map-style data: one number for all ranks) and per rank (streaming).
+    `fp8` and `rng`: per rank; `rng` is restored only on the same number of ranks.
+    """
+
+    model_optim: Stateful
+    scheduler: Stateful
+    data: Stateful
+    fp8: Stateful
+    rng: Stateful = field(default_factory=RNGState)
+
+
+class Preemption:
+    """SIGTERM or SIGUSR1 (a batch system's notice before a time limit) asks for a checkpoint and a clean stop."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> Preemption:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        logger.warning("Received %s: will save a checkpoint and exit after this step.", signal.Signals(signum).name)
+        self.requested = True
+
+    def any_rank(self) -> bool:
+        """Whether any rank received a stop signal (a batch system may signal ranks at different moments)."""
+        return any_rank(self.requested)
 
 
 def step_dir_name(step: int) -> str:
@@ -240,48 +326,23 @@ class _PendingSave:
 
 
 class Checkpointer:
-    """Saves, prunes, resumes and exports for one training run; the same object serves every strategy."""
+    """Saves, prunes and resumes the `CheckpointParts` of one training run; the same object serves every strategy."""
 
-    def __init__(
-        self,
-        cfg: Any,
-        run: Any,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        flavour: StateDictFlavour,
-    ) -> None:
-        ckpt = cfg.checkpoint
-        self.cfg, self.run, self.model, self.optimizer, self.scheduler = cfg, run, model, optimizer, scheduler
-        self.flavour = flavour
+    def __init__(self, checkpoint_cfg: Any, context: DistributedContext, parts: CheckpointParts) -> None:
+        ckpt = checkpoint_cfg
+        self.context, self.parts = context, parts
         self.ckpt_dir = Path(ckpt.ckpt_dir) if ckpt.ckpt_dir else None
         self.save_every = int(ckpt.save_every_n_steps or 0)
         self.max_checkpoints = ckpt.max_checkpoints
         self.async_save = bool(ckpt.async_save)
-        self.exit_after = int(ckpt.get("exit_after_n_steps") or 0)
+        self.exit_after = int(ckpt.exit_after_n_steps or 0)
+        self.resume_setting = ckpt.resume_from_checkpoint
         self._start_step = 0
-        self.context = run.context
         self._pending: _PendingSave | None = None
         self._last_saved_step: int | None = None
-        self._stop_requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request_stop)
 
-    # --- preemption ---------------------------------------------------------------------------------------------
-    def _request_stop(self, signum: int, frame: Any) -> None:
-        logger.warning("Received %s: will save a checkpoint and exit after this step.", signal.Signals(signum).name)
-        self._stop_requested = True
-
-    def _any_rank_stopping(self) -> bool:
-        """Whether any rank received a stop signal (SLURM may signal ranks at different moments)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a CPU (gloo) collective: the GPU is not waited for
-        return bool(flag.item())
-
-    def after_step(self, step: int) -> bool:
-        """Save when due, when preempted or at `exit_after_n_steps`; returns True when training must stop now."""
-        signalled = self._any_rank_stopping()
+    def after_step(self, step: int, signalled: bool) -> bool:
+        """Save when due, when `signalled` (preemption) or at `exit_after_n_steps`; True when training must stop."""
         stopping = signalled or bool(self.exit_after and step - self._start_step >= self.exit_after)
         if self.ckpt_dir is not None and (stopping or (self.save_every and step % self.save_every == 0)):
             self.save(step, blocking=stopping)
@@ -312,7 +373,7 @@ class Checkpointer:
         if self._all_ranks_ok(error is None):
             try:
                 future = self._write(step, tmp_dir, use_async=self.async_save and not blocking)
-            except CHECKPOINT_ERRORS as exc:
+            except checkpoint_errors() as exc:
                 error = exc
         if not self._all_ranks_ok(error is None):
             self._abandon(tmp_dir, step, error)
@@ -331,16 +392,19 @@ class Checkpointer:
 
     def _write(self, step: int, tmp_dir: Path, use_async: bool) -> Any:
         """DCP first (its collectives raise on every rank if one rank fails), then the small per-rank files."""
-        state = self.flavour.get(self.model, self.optimizer)
+        parts = self.parts
+        state = parts.model_optim.state_dict()
         shards = str(tmp_dir / "model_optim")
+        import torch.distributed.checkpoint as dcp
+
         future = dcp.async_save(state, checkpoint_id=shards) if use_async else dcp.save(state, checkpoint_id=shards)
-        data_state = self.run.train_stream.state_dict()
-        per_rank = {"rng": _rng_state(), "te_extra_state": _te_extra_states(self.model), "data": data_state}
+        data_state = parts.data.state_dict()
+        per_rank = {"rng": parts.rng.state_dict(), "te_extra_state": parts.fp8.state_dict(), "data": data_state}
         torch.save(per_rank, tmp_dir / f"rank_{self.context.rank:05d}.pt")
         if self.context.is_main:
             train_state = {
                 "step": step,
-                "scheduler": self.scheduler.state_dict(),
+                "scheduler": parts.scheduler.state_dict(),
                 "world_size": self.context.world_size,
                 "data": data_state,
             }
@@ -348,10 +412,7 @@ class Checkpointer:
         return future if use_async else None
 
     def _all_ranks_ok(self, ok: bool) -> bool:
-        flag = torch.tensor([0.0 if ok else 1.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
+        return not any_rank(not ok)
 
     def _abandon(self, tmp_dir: Path, step: int, error: BaseException | None) -> None:
         if self.context.is_main:
@@ -377,7 +438,7 @@ class Checkpointer:
             if pending.future is not None:
                 completion = getattr(pending.future, "upload_completion", pending.future)
                 completion.result()
-        except CHECKPOINT_ERRORS as exc:
+        except checkpoint_errors() as exc:
             error = exc
         if not self._all_ranks_ok(error is None):
             self._abandon(pending.tmp_dir, pending.step, error)
@@ -406,7 +467,7 @@ class Checkpointer:
     # --- resuming -----------------------------------------------------------------------------------------------
     def resume(self) -> int:
         """Load the newest complete checkpoint (or the one named) and return the step to continue from."""
-        setting = self.cfg.checkpoint.resume_from_checkpoint
+        setting = self.resume_setting
         if self.ckpt_dir is None:
             return 0
         if setting in (False, None):
@@ -431,13 +492,13 @@ class Checkpointer:
         failures: list[str] = []
         for step, path in candidates:
             problem = verify_manifest(path) if self.context.is_main else None
-            problem = _broadcast(problem)
+            problem = broadcast_object(problem)
             if problem is None:
                 started = time.perf_counter()
                 try:
                     self._load(path)
                     error = None
-                except CHECKPOINT_ERRORS as exc:
+                except checkpoint_errors() as exc:
                     error = exc
                 if self._all_ranks_ok(error is None):
                     logger.info("Resumed from %s (step %d) in %.1f s.", path, step, time.perf_counter() - started)
@@ -463,49 +524,23 @@ class Checkpointer:
         rank_file = path / f"rank_{self.context.rank:05d}.pt"
         same_world = train_state["world_size"] == self.context.world_size
         per_rank = torch.load(rank_file if rank_file.is_file() else path / "rank_00000.pt", weights_only=False)
-        state = self.flavour.get(self.model, self.optimizer)
-        dcp.load(state, checkpoint_id=str(path / "model_optim"))
-        self.flavour.set(self.model, self.optimizer, state)
-        self.scheduler.load_state_dict(train_state["scheduler"])
-        _restore_te_extra_states(self.model, per_rank["te_extra_state"])
-        if same_world:
-            _set_rng_state(per_rank["rng"])
-        self.run.train_stream.load_state_dict(per_rank["data"] if same_world else train_state["data"])
+        parts = self.parts
+        state = parts.model_optim.state_dict()
+        import torch.distributed.checkpoint as dcp
 
-    # --- end of training ----------------------------------------------------------------------------------------
+        dcp.load(state, checkpoint_id=str(path / "model_optim"))
+        parts.model_optim.load_state_dict(state)
+        parts.scheduler.load_state_dict(train_state["scheduler"])
+        parts.fp8.load_state_dict(per_rank["te_extra_state"])
+        if same_world:
+            parts.rng.load_state_dict(per_rank["rng"])
+        parts.data.load_state_dict(per_rank["data"] if same_world else train_state["data"])
+
+    # --- end of training ---------------------------------------------------------------------------------------
     def finish(self, step: int, completed: bool) -> None:
-        """Publish any in-flight save; at the end of training save the last step and export the final model."""
+        """Publish any in-flight save; at the end of training, save the last step."""
         if self.ckpt_dir is None:
             return
         if completed and self._last_saved_step != step:
             self.save(step, blocking=True)
         self._finish_pending()
-        if completed and self.cfg.checkpoint.save_final_model:
-            self.export_final_model()
-
-    def export_final_model(self) -> Path:
-        """Write `<ckpt_dir>/final_model`: transformers ESM weights (safetensors), config and tokenizer."""
-        state = self.flavour.full_model_state_dict(self.model)  # a collective: every rank takes part
-        out_dir = self.ckpt_dir / "final_model"
-        if self.context.is_main:
-            unwrapped = getattr(self.model, "module", self.model)
-            export_hf_model(
-                state,
-                unwrapped.config,
-                out_dir,
-                resolve_path(self.cfg.tokenizer),
-                source_format="te" if is_te_model(unwrapped) else "hf",
-                overwrite=True,
-            )
-            logger.info("Exported the final model to %s (load with AutoModelForMaskedLM.from_pretrained).", out_dir)
-        self.context.barrier()
-        return out_dir
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]

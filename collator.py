@@ -1,4 +1,4 @@
-"""Turn tokenized sequences into masked-language-model batches.
+"""Turn tokenized sequences into masked-language-model batches: masking, padded (BSHD) and packed (THD) collators.
 
 `MLMMasker` crops and masks one sequence at a time, with randomness drawn from (seed, epoch, sequence content) alone:
 the same sequence gets the same crop and mask in an epoch whichever rank, worker, batch or packing it lands in. That
@@ -8,12 +8,16 @@ sequences be compared token for token.
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from precision import round_up, token_multiple
 
 IGNORE_INDEX = -100
 CANONICAL_AMINO_ACIDS = "LAGVSERTIDPKQNFYMHWC"  # the 20 standard residues: what a random replacement draws from
@@ -94,10 +98,6 @@ class MLMMasker:
         return masked, labels
 
 
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 class BSHDCollator:
     """Padded [batch, sequence] batches: pad to the longest sequence rounded up to `pad_to_multiple_of`.
 
@@ -175,104 +175,62 @@ class THDCollator:
         }
 
 
-def pack_by_token_budget(items: Iterable[tuple[Any, int]], token_budget: int) -> Iterator[list[Any]]:
-    """Greedily group (item, length) pairs, in order, into packs whose lengths sum to at most `token_budget`."""
-    pack: list[Any] = []
-    used = 0
-    for item, length in items:
-        if pack and used + length > token_budget:
-            yield pack
-            pack, used = [], 0
-        pack.append(item)
-        used += length
-    if pack:
-        yield pack
+class BatchLayoutError(ValueError):
+    """The batch settings cannot work together; the message says what to change."""
 
 
-class PackedBatchSampler:
-    """Batch sampler packing one global, per-epoch permutation of a map-style dataset into token-budget batches.
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a micro-batch is laid out, derived once from the configuration for the collator, loader and model.
 
-    Every rank walks the same permutation and builds the same sequence of packs; rank r takes packs r, r + W, ...
-    So progress is one number for all ranks (packs consumed), a resume on another number of ranks continues with no
-    sequence repeated or skipped, and no sequence is ever dropped: if the last round of packs is shorter than W, the
-    ranks left without one get an empty pack (a batch of padding) so collective operations stay in step.
-    Packing needs only the lengths, so it costs a pass over integers, done lazily as batches are drawn.
+    `packed`: THD token streams of `token_budget` tokens (`use_sequence_packing`), else padded BSHD rows.
+    `token_multiple`: what the precision needs of a micro-batch's token count (precision.py); padded rows are padded
+    to `pad_multiple` (that and `dataset.pad_to_multiple_of`), or to `pad_to_length` when set.
     """
 
-    def __init__(
-        self,
-        lengths: np.ndarray,
-        token_budget: int,
-        max_seq_length: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        shuffle: bool = True,
-    ) -> None:
-        if max_seq_length > token_budget:
-            raise ValueError(f"token_budget={token_budget} is below max_seq_length={max_seq_length}.")
-        self.lengths = np.minimum(np.asarray(lengths), max_seq_length)
-        self.token_budget, self.rank, self.world_size = token_budget, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.start = 0, 0
+    packed: bool
+    max_seq_length: int
+    token_multiple: int
+    token_budget: int
+    pad_multiple: int
+    pad_to_length: int | None
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's permutation and how many of its packs all ranks together have consumed."""
-        self.epoch, self.start = epoch, start
+    @property
+    def attn_input_format(self) -> str:
+        return "thd" if self.packed else "bshd"
 
-    def permutation(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.lengths))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.lengths), generator=generator).numpy()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self.permutation()
-        packs = pack_by_token_budget(zip(order.tolist(), self.lengths[order].tolist(), strict=True), self.token_budget)
-        index = -1
-        for index, pack in enumerate(packs):
-            if index >= self.start and (index - self.start) % self.world_size == self.rank:
-                yield pack
-        remaining = index + 1 - self.start
-        if remaining > 0 and self.rank >= remaining % self.world_size > 0:
-            yield []
+    @classmethod
+    def from_config(cls, cfg: Any) -> BatchLayout:
+        """The layout `cfg` asks for; a token budget that cannot hold one full-length sequence is refused."""
+        data = cfg.dataset
+        multiple = token_multiple(cfg)
+        requested = cfg.token_micro_batch_size or data.micro_batch_size * data.max_seq_length
+        budget = int(requested) // multiple * multiple
+        if cfg.use_sequence_packing and budget < data.max_seq_length:
+            raise BatchLayoutError(
+                f"token_micro_batch_size={requested} (rounded down to {budget}, a multiple of {multiple} for this "
+                f"precision) cannot hold one sequence of dataset.max_seq_length={data.max_seq_length}. Raise "
+                "token_micro_batch_size or lower dataset.max_seq_length."
+            )
+        return cls(
+            packed=bool(cfg.use_sequence_packing),
+            max_seq_length=int(data.max_seq_length),
+            token_multiple=multiple,
+            token_budget=budget,
+            pad_multiple=math.lcm(int(data.pad_to_multiple_of), multiple),
+            pad_to_length=int(data.max_seq_length) if data.pad_to_max_length else None,
+        )
 
 
-class PackedStream(torch.utils.data.IterableDataset):
-    """Token-budget packs from a streaming dataset (this rank's shard), resumable mid-epoch.
-
-    Its state is the source dataset's position plus the sequence that overflowed the last pack and opens the next
-    one, so a `StatefulDataLoader` restores it exactly (up to the source's own guarantees: a shuffle buffer's
-    contents are not saved by `datasets`).
-    """
-
-    def __init__(self, source: Any, token_budget: int, max_seq_length: int) -> None:
-        if max_seq_length > token_budget:
-            raise ValueError(f"token_budget={token_budget} is below max_seq_length={max_seq_length}.")
-        self.source, self.token_budget, self.max_seq_length = source, token_budget, max_seq_length
-        self._carry: list[dict[str, Any]] = []
-
-    def set_epoch(self, epoch: int) -> None:
-        self.source.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        pack, used = self._carry, sum(min(len(s["input_ids"]), self.max_seq_length) for s in self._carry)
-        for sample in self.source:
-            length = min(len(sample["input_ids"]), self.max_seq_length)
-            if pack and used + length > self.token_budget:
-                self._carry = [sample]
-                yield pack
-                pack, used = self._carry, length
-            else:
-                pack.append(sample)
-                used += length
-        self._carry = []
-        if pack:
-            yield pack
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"source": self.source.state_dict(), "carry": list(self._carry)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.source.load_state_dict(state["source"])
-        self._carry = list(state["carry"])
+def build_collator(data_cfg: Any, layout: BatchLayout, tokenizer: Any, seed: int) -> BSHDCollator | THDCollator:
+    """The padded (BSHD) or packed (THD) collator of `layout`, masking as `data_cfg` says."""
+    masker = MLMMasker.from_tokenizer(
+        tokenizer,
+        max_seq_length=layout.max_seq_length,
+        mlm_probability=float(data_cfg.mlm_probability),
+        crop=data_cfg.crop,
+        seed=seed,
+    )
+    if layout.packed:
+        return THDCollator(masker, tokenizer.pad_token_id, layout.token_multiple)
+    return BSHDCollator(masker, tokenizer.pad_token_id, layout.pad_multiple, layout.pad_to_length)

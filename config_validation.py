@@ -1,93 +1,235 @@
-"""Check a run's configuration once, at start-up, and report every problem in one error a user can act on."""
+"""The one gate a run's configuration passes, at start-up: every problem reported in one error a user can act on.
+
+After it, code reads `cfg.x` directly: `hydra_config/defaults.yaml` defines every key (and documents it), and this
+module checks every value, so nothing downstream needs a fallback default or a check of its own.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import logging
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
-from transformers import EsmConfig
 
 from dataset import SUPPORTED_FORMATS, resolve_path
 from model import USE_TE_CHOICES
 from precision import precision_problems
+
+if TYPE_CHECKING:
+    from transformers import EsmConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS_FILE = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
+CHECKED_SECTIONS = ("dataset", "checkpoint", "fsdp", "mfsdp", "optimizer", "lr_scheduler", "validation", "logger")
+ZERO_DP_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+REDUCE_DTYPES = ("float32", "bfloat16")
+
+
+class StrategyRules(Protocol):
+    """What validation needs to know of a parallelism strategy (`training.Strategy` has it)."""
+
+    name: str
+    needs_cuda: bool
+    compiles: bool
+    inert_keys: tuple[str, ...]
 
 
 class ConfigError(ValueError):
     """One or more configuration values are unusable; the message lists each with its fix."""
 
 
+@cache
+def defaults() -> DictConfig:
+    """`defaults.yaml` as written (not composed): every key and its default value."""
+    return OmegaConf.load(DEFAULTS_FILE)
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check(problems: list[str], cfg: DictConfig, key: str, ok: Callable[[Any], bool], expectation: str) -> None:
-    value = OmegaConf.select(cfg, key, default=None)
-    try:
-        valid = value is not None and ok(value)
-    except TypeError:
-        valid = False
-    if not valid:
-        problems.append(f"{key}={value!r}: {expectation}")
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool) -> None:
-    """Raise `ConfigError` naming every unusable value (and its fix) before any data or model is built."""
-    problems: list[str] = []
-    check = lambda key, ok, expectation: _check(problems, cfg, key, ok, expectation)  # noqa: E731
+def _bool(value: Any) -> bool:
+    return isinstance(value, bool)
 
-    check("num_train_steps", _positive_int, "must be a positive integer")
-    check("grad_acc_steps", _positive_int, "must be a positive integer")
-    check("dataset.micro_batch_size", _positive_int, "must be a positive integer")
-    check("dataset.pad_to_multiple_of", _positive_int, "must be a positive integer")
-    max_positions = model_config.max_position_embeddings
-    check(
-        "dataset.max_seq_length",
-        lambda v: _positive_int(v) and 3 <= v <= max_positions,
-        f"must be an integer from 3 to the model's max_position_embeddings ({max_positions}); longer sequences are "
-        "cropped to it",
-    )
-    check("dataset.mlm_probability", lambda v: 0 < v < 1, "must lie strictly between 0 and 1")
-    check("dataset.crop", lambda v: v in ("random", "head"), "must be 'random' or 'head'")
-    check("dataset.format", lambda v: v in SUPPORTED_FORMATS, f"must be one of {SUPPORTED_FORMATS}")
-    check("dataset.path", lambda v: isinstance(v, str) and v.strip() != "", "must name a data file, folder or dataset")
-    check("dataset.validation_size", lambda v: v >= 0, "must be >= 0 (a fraction below 1, or a count; 0 disables)")
-    check("dataset.num_workers", lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer")
-    check("dataset.prefetch_factor", _positive_int, "must be a positive integer")
-    check("dataset.shuffle_buffer_size", _positive_int, "must be a positive integer")
-    check("optimizer.lr", lambda v: v > 0, "must be positive")
-    check("optimizer.weight_decay", lambda v: v >= 0, "must be >= 0")
-    check("optimizer.eps", lambda v: v > 0, "must be positive")
-    check("optimizer.max_grad_norm", lambda v: v > 0, "must be positive")
-    check("optimizer.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")
-    check("lr_scheduler.warmup_steps", lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer")
-    check("lr_scheduler.decay_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]")
-    check("lr_scheduler.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-    check("logger.log_every_n_steps", _positive_int, "must be a positive integer")
-    check("validation.every_n_steps", lambda v: isinstance(v, int) and v >= 0, "must be >= 0 (0 disables validation)")
-    check("validation.max_batches", _positive_int, "must be a positive integer")
-    if "fp32_residual_connection" in cfg:
-        check("fp32_residual_connection", lambda v: isinstance(v, bool), "must be true or false")
-    check("use_te", lambda v: str(v).lower() in USE_TE_CHOICES, f"must be one of {USE_TE_CHOICES}")
-    check("wandb.mode", lambda v: v in ("online", "offline", "disabled"), "must be online, offline or disabled")
-    check(
+
+def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or ok(value)
+
+
+def missing_keys(cfg: DictConfig, prefix: str = "") -> Iterator[str]:
+    """Keys left at `???`: values a configuration requires the user to supply (e.g. the data of an L1 run)."""
+    for key in cfg:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            yield path
+        elif isinstance(cfg[key], DictConfig):
+            yield from missing_keys(cfg[key], f"{path}.")
+
+
+def _unknown_keys(cfg: DictConfig) -> list[str]:
+    """Keys of the checked sections that defaults.yaml does not define: a typo would otherwise do nothing."""
+    problems = []
+    for section in CHECKED_SECTIONS:
+        known = set(defaults()[section])
+        problems += [
+            f"{section}.{key}: unknown key (known: {', '.join(sorted(known))})."
+            for key in cfg.get(section) or {}
+            if key not in known
+        ]
+    return problems
+
+
+# (key, test, what a valid value is). `None` is valid only where the test says so.
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("num_train_steps", _positive_int, "must be a positive integer"),
+    ("grad_acc_steps", _positive_int, "must be a positive integer"),
+    ("pretrained", _bool, "must be true or false"),
+    ("use_meta_device", _bool, "must be true or false"),
+    ("use_torch_compile", _bool, "must be true or false"),
+    ("use_sequence_packing", _bool, "must be true or false"),
+    ("use_fp32_master_weights", _bool, "must be true or false"),
+    ("fp32_residual_connection", _bool, "must be true or false"),
+    ("seed", _non_negative_int, "must be a non-negative integer"),
+    ("dataset.micro_batch_size", _positive_int, "must be a positive integer"),
+    ("dataset.pad_to_multiple_of", _positive_int, "must be a positive integer"),
+    ("dataset.pad_to_max_length", _bool, "must be true or false"),
+    ("dataset.streaming", _bool, "must be true or false"),
+    ("dataset.mlm_probability", lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
+    ("dataset.crop", lambda v: v in ("random", "head"), "must be 'random' or 'head'"),
+    ("dataset.format", lambda v: v in SUPPORTED_FORMATS, f"must be one of {SUPPORTED_FORMATS}"),
+    ("dataset.path", lambda v: isinstance(v, str) and v.strip() != "", "must name a data file, folder or dataset"),
+    ("dataset.sequence_column", lambda v: isinstance(v, str) and v != "", "must name a column"),
+    ("dataset.validation_path", _optional(lambda v: isinstance(v, str) and v != ""), "must name a file, or be null"),
+    ("dataset.validation_size", lambda v: v >= 0, "must be >= 0 (a fraction below 1, or a count; 0 disables)"),
+    ("dataset.num_workers", _non_negative_int, "must be a non-negative integer"),
+    ("dataset.prefetch_factor", _positive_int, "must be a positive integer"),
+    ("dataset.shuffle_buffer_size", _positive_int, "must be a positive integer"),
+    ("optimizer.lr", lambda v: v > 0, "must be positive"),
+    ("optimizer.weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("optimizer.eps", lambda v: v > 0, "must be positive"),
+    ("optimizer.max_grad_norm", lambda v: v > 0, "must be positive"),
+    ("optimizer.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+    ("lr_scheduler.warmup_steps", _non_negative_int, "must be a non-negative integer"),
+    ("lr_scheduler.decay_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("lr_scheduler.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("fsdp.reshard_after_forward", _bool, "must be true or false"),
+    ("mfsdp.zero_dp_strategy", lambda v: v in ZERO_DP_STRATEGIES, f"must be one of {ZERO_DP_STRATEGIES}"),
+    ("mfsdp.overlap_grad_reduce", _bool, "must be true or false"),
+    ("mfsdp.overlap_param_gather", _bool, "must be true or false"),
+    ("mfsdp.grad_reduce_dtype", lambda v: v in REDUCE_DTYPES, f"must be one of {list(REDUCE_DTYPES)}"),
+    ("checkpoint.ckpt_dir", _optional(lambda v: isinstance(v, str) and v != ""), "must be a folder, or null"),
+    ("checkpoint.save_every_n_steps", _non_negative_int, "must be a non-negative integer (0: only at the end)"),
+    (
+        "checkpoint.resume_from_checkpoint",
+        lambda v: isinstance(v, bool | str),
+        "must be true, false or the path of a step_NNNNNNN folder",
+    ),
+    ("checkpoint.max_checkpoints", _optional(_positive_int), "must be a positive integer, or null to keep all"),
+    ("checkpoint.async_save", _bool, "must be true or false"),
+    ("checkpoint.save_final_model", _bool, "must be true or false"),
+    ("checkpoint.exit_after_n_steps", _optional(_positive_int), "must be a positive integer, or null"),
+    ("logger.log_every_n_steps", _positive_int, "must be a positive integer"),
+    ("logger.progress_bar", _bool, "must be true or false"),
+    ("validation.every_n_steps", _non_negative_int, "must be >= 0 (0 disables validation)"),
+    ("validation.max_batches", _positive_int, "must be a positive integer"),
+    ("use_te", lambda v: str(v).lower() in USE_TE_CHOICES, f"must be one of {USE_TE_CHOICES}"),
+    ("wandb.enabled", _bool, "must be true or false"),
+    ("wandb.mode", lambda v: v in ("online", "offline", "disabled"), "must be online, offline or disabled"),
+    (
         "tokenizer",
         lambda v: (resolve_path(v) / "tokenizer_config.json").is_file(),
         "must be a tokenizer directory (the shipped one is tokenizers/esm2)",
-    )
-    num_layers = model_config.num_hidden_layers
-    if cfg.get("fp8_layers") is not None:
-        check(
-            "fp8_layers",
-            lambda v: all(isinstance(n, int) and 1 <= n <= num_layers for n in v),
-            f"must list 1-based layer numbers from 1 to {num_layers} (or be null for every layer)",
+    ),
+]
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expectation: str) -> str | None:
+    value = OmegaConf.select(cfg, key, default=None)
+    try:
+        valid = bool(ok(value))
+    except TypeError:  # e.g. a number compared with a string or None
+        valid = False
+    return None if valid else f"{key}={value!r}: {expectation}"
+
+
+def _model_problems(cfg: DictConfig, model_config: EsmConfig) -> list[str]:
+    problems = []
+    max_positions, num_layers = model_config.max_position_embeddings, model_config.num_hidden_layers
+    length = cfg.dataset.max_seq_length
+    if not (_positive_int(length) and 3 <= length <= max_positions):
+        problems.append(
+            f"dataset.max_seq_length={length!r}: must be an integer from 3 to the model's max_position_embeddings "
+            f"({max_positions}); longer sequences are cropped to it"
         )
-    if cfg.get("token_micro_batch_size") is not None:
-        check(
-            "token_micro_batch_size",
-            lambda v: _positive_int(v) and v >= cfg.dataset.max_seq_length,
-            "must be a token count of at least dataset.max_seq_length (null: micro_batch_size x max_seq_length)",
+    layers = cfg.fp8_layers
+    if layers is not None and not (
+        all(_positive_int(n) and n <= num_layers for n in layers) and len(set(layers)) == len(layers)
+    ):
+        problems.append(
+            f"fp8_layers={list(layers)!r}: must list distinct 1-based layer numbers from 1 to {num_layers} (or be null "
+            "for every layer)"
         )
-    problems.extend(precision_problems(cfg, use_te))
+    budget = cfg.token_micro_batch_size
+    if budget is not None and not (_positive_int(budget) and _positive_int(length) and budget >= length):
+        problems.append(
+            f"token_micro_batch_size={budget!r}: must be a token count of at least dataset.max_seq_length (null: "
+            "micro_batch_size x max_seq_length)"
+        )
+    return problems
+
+
+def _strategy_problems(cfg: DictConfig, strategy: StrategyRules) -> list[str]:
+    import torch
+
+    problems = []
+    entrypoint = f"train_{strategy.name}.py"
+    if strategy.needs_cuda and not torch.cuda.is_available():
+        problems.append(f"{entrypoint} needs CUDA GPUs; use train_fsdp2.py or train_ddp.py on CPU.")
+    if cfg.use_torch_compile and not strategy.compiles:
+        problems.append(
+            f"use_torch_compile=true is not supported by {entrypoint}; set use_torch_compile=false, or compile with "
+            "train_fsdp2.py or train_ddp.py."
+        )
+    return problems
+
+
+def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool, strategy: StrategyRules) -> None:
+    """Raise `ConfigError` naming every unusable value (and its fix) before any data or model is built."""
+    missing = list(missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"This configuration needs {', '.join(missing)} (`???` in the config), which nothing set. Give "
+            f"{'each' if len(missing) > 1 else 'it'} on the command line, e.g. "
+            + " ".join(f"{key}=..." for key in missing)
+            + (
+                " (dataset.path: your training data, a FASTA/Parquet/CSV/JSON file, folder or glob)."
+                if "dataset.path" in missing
+                else "."
+            )
+        )
+    problems = [p for key, ok, expectation in RULES if (p := _check(cfg, key, ok, expectation))]
+    problems += _unknown_keys(cfg)
+    problems += _model_problems(cfg, model_config)
+    problems += precision_problems(cfg, use_te)
+    problems += _strategy_problems(cfg, strategy)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def log_inert_keys(cfg: DictConfig, strategy: StrategyRules) -> None:
+    """Say once which settings changed from their defaults do nothing with this strategy (e.g. DDP's meta device)."""
+    changed = []
+    for key in strategy.inert_keys:
+        value, default = OmegaConf.select(cfg, key), OmegaConf.select(defaults(), key)
+        if value != default:
+            changed.append(key if not isinstance(value, DictConfig) else f"{key}.*")
+    if changed:
+        logger.warning("These settings have no effect with train_%s.py: %s.", strategy.name, ", ".join(changed))

@@ -18,6 +18,8 @@ The word embedding, the tied LM decoder and the LM-head bias carry ``padded_voca
 the real vocabulary) and ``vocab_size`` rows in transformers.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import re
@@ -25,11 +27,15 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, EsmConfig, EsmForMaskedLM
+
+from precision import round_up
+
+if TYPE_CHECKING:  # transformers' model classes take a second to import: only where they are used
+    from transformers import EsmConfig
 
 VOCAB_PAD_MULTIPLE = 64
 EXPORT_MANIFEST = "export_manifest.json"
@@ -92,7 +98,7 @@ class MissingKeysError(KeyError):
 
 def round_up_vocab(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
     """Smallest multiple of ``multiple`` ≥ ``vocab_size`` (tensor-core friendly embedding/decoder row count)."""
-    return -(-vocab_size // multiple) * multiple
+    return round_up(vocab_size, multiple)
 
 
 def te_vocab_rows(config: Any) -> int:
@@ -139,6 +145,8 @@ def to_esm_config(config: Any) -> EsmConfig:
 
     TE-only fields are found as the dataclass fields that ``EsmConfig`` lacks, so new TE options need no edit here.
     """
+    from transformers import EsmConfig
+
     if type(config) is EsmConfig:
         return config
     values = config.to_dict()
@@ -160,6 +168,8 @@ def to_esm_config(config: Any) -> EsmConfig:
 def hf_state_dict_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the installed transformers' ``EsmForMaskedLM(config).state_dict()`` (built on meta)."""
     with torch.device("meta"):
+        from transformers import EsmForMaskedLM
+
         reference = EsmForMaskedLM(to_esm_config(config))
     return {key: tuple(tensor.shape) for key, tensor in reference.state_dict().items()}
 
@@ -484,6 +494,32 @@ def _unshared_cpu_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     return result
 
 
+def source_format_of(config: Any) -> Literal["te", "hf"]:
+    """Which layout a model of this config has: the TE model's (``nv_esm``) or transformers' (``esm``)."""
+    return "te" if getattr(config, "model_type", None) == "nv_esm" else "hf"
+
+
+def _check_export_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"export target {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not _is_previous_export(target) and not overwrite:
+        raise FileExistsError(
+            f"{target} is not empty and is not an earlier model export; pass overwrite=True to replace it or pick "
+            "another directory"
+        )
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a finished `staging` folder to `target`, replacing an earlier export only once the new one is whole."""
+    if target.exists():
+        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(target)
+
+
 def export_hf_model(
     state_dict: Mapping[str, torch.Tensor],
     config: Any,
@@ -502,14 +538,7 @@ def export_hf_model(
     if source_format not in ("te", "hf"):
         raise ValueError(f"source_format must be 'te' or 'hf', got {source_format!r}")
     target = Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"export target {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not _is_previous_export(target) and not overwrite:
-        raise FileExistsError(
-            f"{target} is not empty and is not an earlier model export; pass overwrite=True to replace it or pick "
-            "another directory"
-        )
-
+    _check_export_target(target, overwrite)
     if source_format == "te":
         hf_state = convert_te_to_hf(state_dict, config)
     else:  # Round-trip through the TE layout: validates every key and shape and normalises older layouts.
@@ -529,6 +558,8 @@ def export_hf_model(
     try:
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         esm_config.save_pretrained(staging)
+        from transformers import AutoTokenizer
+
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
         manifest = {
             "format": EXPORT_FORMAT_TAG,
@@ -536,13 +567,7 @@ def export_hf_model(
             "files": sorted(path.name for path in staging.iterdir()),
         }
         (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if target.exists():
-            retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
+        _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

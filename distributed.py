@@ -1,4 +1,7 @@
-"""Process-group set-up from torchrun's environment (or none, for a plain `python train_*.py`)."""
+"""The process group and the few collectives the recipe uses, each a no-op in a single process.
+
+The group comes from torchrun's environment, or is a one-rank group for a plain `python train_*.py`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -93,3 +97,36 @@ def main_process_first(context: DistributedContext) -> Iterator[None]:
     finally:
         if builds_first:
             context.barrier()
+
+
+def is_distributed() -> bool:
+    """Whether collectives have anyone to talk to (a process group of more than one rank)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (on its own device: no host sync) and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on at least one rank: a CPU (gloo) collective, so the GPU is not waited for."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s `value` (any picklable object) on every rank."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

@@ -5,14 +5,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import EsmConfig, EsmForMaskedLM
 
+from distributed import is_distributed
 from precision import build_fp8_recipe
+
+if TYPE_CHECKING:  # transformers' model classes take a second to import: only where they are used
+    from transformers import EsmConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ def model_directory(model_tag: str) -> Path:
 
 
 def load_model_config(model_tag: str) -> EsmConfig:
+    from transformers import EsmConfig
+
     config = EsmConfig.from_pretrained(model_directory(model_tag))
     if config.model_type not in ("esm", "nv_esm") or config.is_folding_model:
         raise ModelConfigError(f"model_tag={model_tag!r} is a {config.model_type!r} config, not an ESM masked LM.")
@@ -89,25 +94,33 @@ def resolve_use_te(setting: Any) -> tuple[bool, str]:
 def parameter_dtype(cfg: Any, device: torch.device | str) -> torch.dtype:
     """FP32 weights (BF16 compute via mixed precision) unless `use_fp32_master_weights=false` on a GPU."""
     on_gpu = torch.device(device).type in ("cuda", "meta") and torch.cuda.is_available()
-    return torch.float32 if cfg.get("use_fp32_master_weights", True) or not on_gpu else torch.bfloat16
+    return torch.float32 if cfg.use_fp32_master_weights or not on_gpu else torch.bfloat16
 
 
-def build_model(cfg: Any, config: EsmConfig, *, use_te: bool, device: torch.device | str) -> nn.Module:
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters only: buffers such as the rotary frequencies keep their FP32 precision."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+
+
+def build_model(
+    cfg: Any, config: EsmConfig, *, use_te: bool, attn_input_format: str, device: torch.device | str
+) -> nn.Module:
     """The masked-LM model on `device` ("meta" defers allocation until after sharding; see `materialize`).
 
-    The TE model is built for the batch layout (`thd` with sequence packing, else `bshd`) and, with FP8 on, gets its
+    The TE model is built for the batch layout (`thd` for packed batches, else `bshd`) and, with FP8 on, gets its
     recipe here: FP8 covers the transformer layers (or `fp8_layers`), never the embeddings or LM head.
     """
-    pretrained = bool(cfg.get("pretrained", False))
     dtype = parameter_dtype(cfg, device)
     if not use_te:
-        if pretrained:
+        from transformers import EsmForMaskedLM
+
+        if cfg.pretrained:
             model = EsmForMaskedLM.from_pretrained(model_directory(cfg.model_tag), config=config).to(device)
         else:
             with torch.device(device):
                 model = EsmForMaskedLM(config)
-        for param in model.parameters():  # parameters only: the rotary frequencies must stay FP32
-            param.data = param.data.to(dtype)
+        cast_parameters(model, dtype)
         model.esm.contact_head.requires_grad_(False)  # not part of masked-LM training; no optimizer state for it
         return model
 
@@ -115,16 +128,16 @@ def build_model(cfg: Any, config: EsmConfig, *, use_te: bool, device: torch.devi
 
     te_config = NVEsmConfig.from_esm_config(
         config,
-        attn_input_format="thd" if cfg.get("use_sequence_packing", False) else "bshd",
-        fp8_layers=list(cfg.fp8_layers) if cfg.get("fp8_layers") is not None else None,
+        attn_input_format=attn_input_format,
+        fp8_layers=None if cfg.fp8_layers is None else list(cfg.fp8_layers),
         params_dtype=str(dtype).removeprefix("torch."),
-        fp32_residual_connection=bool(cfg.get("fp32_residual_connection", False)),
+        fp32_residual_connection=bool(cfg.fp32_residual_connection),
     )
-    if pretrained:
+    if cfg.pretrained:
         model = NVEsmForMaskedLM.from_hf_checkpoint(model_directory(cfg.model_tag), config=te_config).to(device)
     else:
         model = NVEsmForMaskedLM(te_config, device=device)
-    fp8_group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+    fp8_group = dist.group.WORLD if is_distributed() else None
     model.set_fp8(build_fp8_recipe(cfg), fp8_group=fp8_group)  # amax of delayed scaling reduced over all ranks
     return model
 
@@ -137,6 +150,42 @@ def transformer_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks, the unit each parallelism strategy shards or wraps."""
     encoder = model.esm.encoder
     return list(encoder.layers if is_te_model(model) else encoder.layer)
+
+
+def compile_transformer_layers(model: nn.Module) -> None:
+    """`torch.compile` each transformer layer in place, before the strategy wraps the model.
+
+    Compiling the repeated block rather than the whole model keeps the strategy's own hooks (DDP's gradient buckets,
+    FSDP's all-gathers) outside the compiled graphs, and all layers share one compiled graph, so compile time does
+    not grow with depth.
+    """
+    for layer in transformer_layers(model):
+        layer.compile()
+
+
+class MaskedLMTuple(NamedTuple):
+    """The model's output as a tuple: `.loss` and `.logits` read as on transformers' `MaskedLMOutput`."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+def _as_tuple(module: nn.Module, args: Any, output: Any) -> MaskedLMTuple:
+    return MaskedLMTuple(output.loss, output.logits)
+
+
+def return_tuple_outputs(model: nn.Module) -> None:
+    """Make `model(...)` return a `MaskedLMTuple` instead of transformers' `MaskedLMOutput` (a dict).
+
+    Megatron-FSDP starts each backward pass with a hook on the gradient of the root module's output, and only finds
+    output tensors in a tensor, tuple or list. With a dict output that hook never fires; megatron-fsdp 0.6.1 then
+    falls back to a hook on the last submodule it registered (the LM decoder), which fires after the LM-head bias
+    already has its gradient. On more than one GPU that (a) zeroed the LM-head bias gradient and (b) reduced the
+    gradient bucket of every parameter outside the transformer layers twice, so embeddings, final LayerNorm and LM
+    head got the sum over ranks instead of the mean. benchmarks/mfsdp_gradient_check.py shows both, and the fix.
+    A forward hook registered before wrapping runs before any hook the wrapper adds.
+    """
+    model.register_forward_hook(_as_tuple)
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

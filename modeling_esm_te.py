@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 import transformer_engine.pytorch as te
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import EsmConfig
 from transformers.modeling_outputs import MaskedLMOutput
 
+from collator import IGNORE_INDEX
 from convert import (
+    EXTRA_STATE_SUFFIX,
     convert_hf_to_te,
     load_hf_state_dict,
     rope_base,
@@ -42,11 +43,10 @@ from convert import (
     round_up_vocab,
     te_vocab_rows,
 )
-from parallel import normal_init_
+from initialization import NOT_AN_EMBEDDING, embedding_paddings, init_parameter_
 
 # ESM-2 masked 15% of tokens and replaced 80% of those with <mask>; token dropout rescales embeddings by this ratio.
 MASK_RATIO_TRAIN = 0.15 * 0.8
-IGNORE_INDEX = -100
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_INPUT_FORMATS = ("bshd", "thd")
 
@@ -150,11 +150,6 @@ def _normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
         return nn.init.normal_(tensor, mean=0.0, std=std)
 
     return init_
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The locally stored shard of an FSDP2 DTensor (or the tensor itself), for in-place initialisation."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class EsmRotaryEmbedding(te.attention.RotaryPositionEmbedding):
@@ -430,45 +425,26 @@ class NVEsmForMaskedLM(nn.Module):
         """(Re)initialise every parameter and persistent buffer in place, as transformers initialises ESM-2.
 
         Works on whatever device the tensors now live on, including FSDP2 DTensor shards after
-        ``to_empty(device="cuda")``: linear and embedding weights ~ N(0, initializer_range) (output projections
-        included, no depth scaling), biases 0, LayerNorm weights 1, the padding-token row and the padded vocabulary
-        rows of the embedding 0, rotary frequencies recomputed, contact head like a linear layer. Does not touch the
+        ``to_empty(device="cuda")``, with the same values on any number of ranks (``initialization.py`` has the
+        rule); rotary frequencies are recomputed, the contact head is drawn like a linear layer. Does not touch the
         FP8 metadata that TE keeps outside parameters.
         """
         self.tie_weights()
-        std = self.config.initializer_range
+        paddings = embedding_paddings(self)
         for module in self.modules():
             for name, param in module.named_parameters(recurse=False):
-                if name == "layer_norm_weight" or (isinstance(module, nn.LayerNorm) and name == "weight"):
-                    param.fill_(1.0)
-                elif name.endswith("bias"):
-                    param.zero_()
-                else:
-                    normal_init_(param, std)  # FSDP2 shards: the same values as unsharded, on any number of GPUs
-        self._zero_unused_embedding_rows()
-
+                init_parameter_(module, name, param, self.config, paddings.get(id(param), NOT_AN_EMBEDDING))
         rotary = self.esm.rotary_embeddings
         head_dim = 2 * rotary.inv_freq.shape[0]
         rotary.inv_freq.copy_(rotary_inverse_frequencies(head_dim, rope_base(self.config)))
         contact_head = self.esm.contact_head
-        contact_head.regression_weight.normal_(mean=0.0, std=std)
+        contact_head.regression_weight.normal_(mean=0.0, std=self.config.initializer_range)
         contact_head.regression_bias.zero_()
-
-    def _zero_unused_embedding_rows(self) -> None:
-        """Zero the padding-token row (as transformers does) and the rows past the real vocabulary."""
-        weight = self.esm.embeddings.word_embeddings.weight
-        keep = torch.ones(weight.shape, dtype=weight.dtype, device=_local(weight).device)
-        keep[self.config.vocab_size :] = 0
-        if self.config.pad_token_id is not None:
-            keep[self.config.pad_token_id] = 0
-        if isinstance(weight, DTensor):  # Shard the mask exactly like the weight to find the local rows.
-            keep = distribute_tensor(keep, weight.device_mesh, weight.placements).to_local()
-        _local(weight).mul_(keep)
 
     def load_te_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Strict ``load_state_dict`` that tolerates only missing TE ``_extra_state`` (FP8 metadata) entries."""
         result = self.load_state_dict(state_dict, strict=False)
-        missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+        missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE_SUFFIX)]
         if missing or result.unexpected_keys:
             raise KeyError(
                 f"state dict does not match NVEsmForMaskedLM: missing {missing[:5]} ({len(missing)} total), "

@@ -1,34 +1,30 @@
-"""Strategy-neutral pieces the parallelism entrypoints share (`train_ddp.py`, `train_fsdp2.py`, `train_mfsdp.py`).
+"""Tensors across strategies: the gradients and parameters each rank holds, however the model is wrapped.
 
-Everything here works the same whatever wraps the model; what differs between strategies stays in their entrypoint.
+DDP replicates every tensor; FSDP2 shards each parameter evenly (DTensor `Shard(0)`); Megatron-FSDP shards unevenly,
+and a rank may hold nothing of a parameter. Norms, clipping and memory counts here are right for all three.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-from model import transformer_layers
+from distributed import all_reduce_sum
 
-
-def use_torch_compile(cfg: Any) -> bool:
-    """The `use_torch_compile` switch (off unless set, so configurations written before it existed still run)."""
-    return bool(cfg.get("use_torch_compile", False))
+WRAPPER_PREFIX = "module."  # what DDP and Megatron-FSDP put in front of the wrapped model's parameter names
 
 
-def compile_transformer_layers(model: nn.Module) -> None:
-    """`torch.compile` each transformer layer in place, before the strategy wraps the model.
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP or Megatron-FSDP wrapper (FSDP2 wraps in place: the model itself)."""
+    return getattr(model, "module", model)
 
-    Compiling the repeated block rather than the whole model keeps the strategy's own hooks (DDP's gradient buckets,
-    FSDP's all-gathers) outside the compiled graphs, and all layers share one compiled graph, so compile time does
-    not grow with depth.
-    """
-    for layer in transformer_layers(model):
-        layer.compile()
+
+def plain_name(name: str) -> str:
+    """A parameter's name without the wrapper's prefix, so strategies compare and export directly."""
+    return name.removeprefix(WRAPPER_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -48,7 +44,7 @@ def local_gradients(model: nn.Module) -> list[LocalGradient]:
     """The gradient parts this rank holds, whatever the strategy; parameters with no gradient here are left out.
 
     Megatron-FSDP shards unevenly: a rank may hold nothing of a parameter and then has no gradient for it at all, so
-    ranks can return different lists. Names drop the wrappers' `module.` prefix, so strategies compare directly.
+    ranks can return different lists.
     """
     parts = []
     for name, param in model.named_parameters():
@@ -57,8 +53,55 @@ def local_gradients(model: nn.Module) -> list[LocalGradient]:
             continue
         sharded = isinstance(grad, DTensor) and any(placement.is_shard() for placement in grad.placements)
         local = grad.to_local() if isinstance(grad, DTensor) else grad
-        parts.append(LocalGradient(name.removeprefix("module."), local, sharded))
+        parts.append(LocalGradient(plain_name(name), local, sharded))
     return parts
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack([norm.float() for norm in torch._foreach_norm(tensors)]).square().sum()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    local = next(model.parameters())
+    return (local.to_local() if isinstance(local, DTensor) else local).device
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip every gradient by the global norm over all ranks; returns that norm (a device tensor: no host sync).
+
+    Each rank adds up the squares of what it holds; one all-reduce sums the sharded part over ranks (replicated
+    gradients count once), and every rank scales its own parts by the same factor. The number of collectives never
+    depends on what a rank holds, so uneven Megatron-FSDP shards cannot hang it (torch's `clip_grad_norm_` did, on
+    two H200s).
+    """
+    parts = local_gradients(model)
+    device = _device_of(model)
+    sharded = [part.tensor for part in parts if part.sharded]
+    replicated = [part.tensor for part in parts if not part.sharded]
+    total = (all_reduce_sum(_sum_of_squares(sharded, device)) + _sum_of_squares(replicated, device)).sqrt()
+    grads = [grad for grad in sharded + replicated if grad.numel() > 0]
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
+@torch.no_grad()
+def gradient_norms(model: nn.Module) -> dict[str, float]:
+    """Every parameter's gradient L2 norm over all ranks (0 where no rank has one), keyed by name without wrappers.
+
+    A debugging aid that compares strategies and GPU counts parameter by parameter: with the same weights and global
+    batch, DDP, FSDP2 and Megatron-FSDP on any number of ranks must agree. One collective and one host sync.
+    """
+    names = [plain_name(name) for name, _ in model.named_parameters()]  # the same list on every rank
+    position = {name: index for index, name in enumerate(names)}
+    device = _device_of(model)
+    sharded, replicated = (torch.zeros(len(names), device=device) for _ in range(2))
+    for part in local_gradients(model):
+        (sharded if part.sharded else replicated)[position[part.name]] = part.tensor.float().square().sum()
+    return dict(zip(names, (all_reduce_sum(sharded) + replicated).sqrt().tolist(), strict=True))
 
 
 def parameter_memory_gib(model: nn.Module) -> tuple[float, float]:
@@ -73,20 +116,3 @@ def parameter_memory_gib(model: nn.Module) -> tuple[float, float]:
         local += stored.numel() * stored.element_size()
         whole += param.numel() * param.element_size()
     return local / 2**30, whole / 2**30
-
-
-@torch.no_grad()
-def normal_init_(param: torch.Tensor, std: float) -> None:
-    """Fill `param` from N(0, std) with the values it would get unsharded, whatever the number of ranks.
-
-    Every rank draws the whole tensor from the (identically seeded) global generator and keeps its own shard, so an
-    FSDP2-sharded model starts from the same weights on 1, 2 or N GPUs. DTensor's own random ops do not promise
-    that: on GPU each shard gets a different part of the random stream depending on how many shards there are, and
-    on CPU every rank draws the same numbers for its shard. One parameter at a time is whole on each rank.
-    """
-    if not isinstance(param, DTensor):
-        param.normal_(mean=0.0, std=std)
-        return
-    local = param.to_local()
-    full = torch.empty(param.shape, dtype=local.dtype, device=local.device).normal_(mean=0.0, std=std)
-    local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())

@@ -14,11 +14,10 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from distributed import DistributedContext
+from distributed import DistributedContext, all_reduce_sum, world_size
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -46,7 +45,7 @@ class PerfLogger:
             disable=not (context.is_main and cfg.logger.progress_bar),
             file=sys.stderr,
         )
-        self._metrics_file = cfg.logger.get("metrics_file") if context.is_main else None
+        self._metrics_file = cfg.logger.metrics_file if context.is_main else None
         self._wandb = None
         if cfg.wandb.enabled and context.is_main:
             import wandb  # imported only when enabled: wandb is heavy and may want network access
@@ -80,8 +79,6 @@ class PerfLogger:
             return None
 
         mean_loss = reduce_mean(self._loss_sum / self._steps).item()  # the one host-device sync of the window
-        if isinstance(grad_norm, torch.Tensor) and hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
         metrics = {
@@ -126,8 +123,4 @@ class PerfLogger:
 
 def reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (at log steps only, off the per-step hot path)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
+    return all_reduce_sum(values.clone()) / world_size()

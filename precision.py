@@ -39,8 +39,12 @@ class PrecisionConfigError(ValueError):
     """The precision settings cannot run here; the message says what to change."""
 
 
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def fp8_enabled(cfg: Any) -> bool:
-    return bool(cfg.get("fp8_config") and cfg.fp8_config.enabled)
+    return bool(cfg.fp8_config.enabled)
 
 
 def token_multiple(cfg: Any) -> int:
@@ -53,7 +57,7 @@ def token_multiple(cfg: Any) -> int:
 def precision_problems(cfg: Any, use_te: bool) -> list[str]:
     """Everything wrong with the precision and packing settings for this configuration (empty when fine)."""
     problems = []
-    if cfg.get("use_sequence_packing") and not use_te:
+    if cfg.use_sequence_packing and not use_te:
         problems.append(
             "use_sequence_packing=true needs the TransformerEngine model (the reference transformers ESM-2 has no "
             "packed THD attention). Run on a GPU with TransformerEngine and use_te=auto|true, or set "
@@ -68,26 +72,28 @@ def precision_problems(cfg: Any, use_te: bool) -> list[str]:
         problems.append(f"fp8_config.recipe={fp8.recipe!r} is not one of {sorted(FP8_RECIPES)}.")
     if fp8.format is not None and fp8.format not in FP8_FORMATS:
         problems.append(f"fp8_config.format={fp8.format!r} must be one of {FP8_FORMATS} (or null for the default).")
-    layers = cfg.get("fp8_layers")
-    if layers is not None and (
-        not all(isinstance(n, int) and not isinstance(n, bool) for n in layers) or len(set(layers)) != len(layers)
-    ):
-        problems.append(f"fp8_layers={list(layers)} must be distinct 1-based layer numbers (or null for all layers).")
     return problems
+
+
+def unsupported_reason(recipe_name: str, device: torch.device) -> str | None:
+    """Why this GPU cannot run the recipe (its compute capability is too low), or None when it can."""
+    spec = FP8_RECIPES[recipe_name]
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= spec.min_capability:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return (
+        f"fp8_config.recipe={recipe_name} needs a {spec.hardware} GPU (compute capability "
+        f"{spec.min_capability[0]}.{spec.min_capability[1]} or newer), but {name} has compute capability "
+        f"{capability[0]}.{capability[1]}. Choose a recipe this GPU supports "
+        f"({', '.join(n for n, s in FP8_RECIPES.items() if capability >= s.min_capability) or 'none: use BF16'})."
+    )
 
 
 def check_gpu_supports(recipe_name: str, device: torch.device) -> None:
     """Refuse, naming the GPU's compute capability, a recipe this GPU cannot run (e.g. MXFP8 before Blackwell)."""
-    spec = FP8_RECIPES[recipe_name]
-    capability = torch.cuda.get_device_capability(device)
-    if capability < spec.min_capability:
-        name = torch.cuda.get_device_name(device)
-        raise PrecisionConfigError(
-            f"fp8_config.recipe={recipe_name} needs a {spec.hardware} GPU (compute capability "
-            f"{spec.min_capability[0]}.{spec.min_capability[1]} or newer), but {name} has compute capability "
-            f"{capability[0]}.{capability[1]}. Choose a recipe this GPU supports "
-            f"({', '.join(n for n, s in FP8_RECIPES.items() if capability >= s.min_capability) or 'none: use BF16'})."
-        )
+    if reason := unsupported_reason(recipe_name, device):
+        raise PrecisionConfigError(reason)
 
 
 def build_fp8_recipe(cfg: Any) -> Any:
@@ -98,6 +104,6 @@ def build_fp8_recipe(cfg: Any) -> Any:
 
     fp8 = cfg.fp8_config
     spec = FP8_RECIPES[fp8.recipe]
-    kwargs = dict(fp8.get("recipe_kwargs") or {})
+    kwargs = dict(fp8.recipe_kwargs or {})
     kwargs["fp8_format"] = getattr(te_recipe.Format, fp8.format or spec.default_format)
     return getattr(te_recipe, spec.te_class)(**kwargs)

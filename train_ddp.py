@@ -15,8 +15,6 @@ are averaged over ranks in buckets that overlap the backward pass.
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import hydra
@@ -26,21 +24,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import DistributedStateDict
-from distributed import DistributedContext
-from model import build_model
-from parallel import compile_transformer_layers, use_torch_compile
-from training import Run, build_optimizer, build_scheduler, setup_run, train
+from model import build_model, compile_transformer_layers
+from training import Run, Strategy, run
 
 
-def wrap_model(model: nn.Module, context: DistributedContext) -> DistributedDataParallel:
-    """Replicate `model` (already on this rank's device) and average its gradients over all ranks.
+def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """Replicate `model` (already on `device`) and average its gradients over all ranks.
 
     Every trainable parameter takes part in the masked-LM loss (model.py freezes the reference model's contact head,
     the one part that does not), so DDP runs without `find_unused_parameters` and its extra graph traversal per step.
     """
     return DistributedDataParallel(
         model,
-        device_ids=[context.local_rank] if context.uses_cuda else None,
+        device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets instead of a second copy
     )
 
@@ -50,40 +46,41 @@ def ddp_grad_sync(model: DistributedDataParallel, sync: bool) -> AbstractContext
     return contextlib.nullcontext() if sync else model.no_sync()
 
 
-def forward_precision(context: DistributedContext) -> Callable[[], AbstractContextManager]:
+def bf16_autocast(device: torch.device) -> AbstractContextManager:
     """BF16 autocast around the forward on GPU (the weights and the optimizer stay in their own dtype); FP32 on CPU."""
-    if context.uses_cuda:
-        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def build_replicated_model(run: Run) -> DistributedDataParallel:
-    """The model as this strategy trains it: built in place on this rank's device, compiled if asked, replicated.
+    """The model built in place on this rank's device, compiled if asked, replicated.
 
-    A full replica lives on every rank anyway, so there is no meta device, whatever use_meta_device says. The plain
-    module stays reachable as `.module` (export unwraps it).
+    A full replica lives on every rank anyway, so there is no meta device. The plain module stays reachable as
+    `.module` (export unwraps it).
     """
-    model = build_model(run.cfg, run.model_config, use_te=run.use_te, device=run.context.device)
-    if use_torch_compile(run.cfg):
+    cfg, device = run.cfg, run.context.device
+    model = build_model(
+        cfg, run.model_config, use_te=run.use_te, attn_input_format=run.layout.attn_input_format, device=device
+    )
+    if cfg.use_torch_compile:
         compile_transformer_layers(model)
-    return wrap_model(model, run.context)
+    return apply_ddp(model, device)
+
+
+STRATEGY = Strategy(
+    name="ddp",
+    build_model=build_replicated_model,
+    state_dict=DistributedStateDict(),  # replicated state, saved once through DCP: resumes on any number of ranks
+    grad_sync=ddp_grad_sync,
+    forward_context=bf16_autocast,
+    inert_keys=("use_meta_device", "fsdp", "mfsdp"),
+)
 
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run = setup_run(cfg)
-    ddp_model = build_replicated_model(run)
-    optimizer = build_optimizer(cfg, ddp_model, run.context.device)
-    scheduler = build_scheduler(cfg, optimizer)
-    train(
-        run,
-        ddp_model,
-        optimizer,
-        scheduler,
-        DistributedStateDict(),  # replicated state, saved once through DCP: resumes on any number of ranks
-        grad_sync=ddp_grad_sync,
-        forward_context=forward_precision(run.context),
-    )
+    run(cfg, STRATEGY)
 
 
 if __name__ == "__main__":

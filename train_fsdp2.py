@@ -17,24 +17,23 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from checkpoint import DistributedStateDict
-from model import build_model, materialize, transformer_layers
-from parallel import compile_transformer_layers, use_torch_compile
-from training import Run, build_optimizer, build_scheduler, setup_run, train
+from model import build_model, compile_transformer_layers, materialize, transformer_layers
+from training import Run, Strategy, run
 
 
-def shard_model(model: nn.Module, run: Run) -> None:
-    """`fully_shard` every transformer layer (its own all-gather unit), then the root (embeddings, LM head)."""
-    context = run.context
-    mesh = init_device_mesh(context.device.type, (context.world_size,), mesh_dim_names=("dp",))
-    if context.uses_cuda:
-        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp_policy = MixedPrecisionPolicy()  # CPU runs stay in FP32
-    reshard = bool(run.cfg.fsdp.reshard_after_forward)
+def apply_fsdp2(
+    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None, reshard: bool
+) -> None:
+    """`fully_shard` every transformer layer (its own all-gather unit), then the root (embeddings, LM head).
+
+    `param_dtype`: what weights are all-gathered and computed in (None: their own dtype); `reduce_dtype`: what
+    gradients are reduced in; `reshard`: free gathered weights after the forward (less memory, one more all-gather).
+    """
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in transformer_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
@@ -48,27 +47,43 @@ def fsdp2_grad_sync(model: FSDPModule, sync: bool) -> Iterator[None]:
 
 
 def build_sharded_model(run: Run) -> nn.Module:
-    """The model as this strategy trains it: built (on meta where possible), compiled if asked, sharded, allocated."""
-    cfg = run.cfg
+    """The model built (on meta where possible), compiled if asked, sharded, then allocated."""
+    cfg, context = run.cfg, run.context
     # The TE model is built on the meta device and each rank allocates only its shards; the small reference model
     # (CPU runs) is built whole, so its initial weights do not depend on the number of ranks.
-    on_meta = bool(cfg.use_meta_device) and run.use_te and not cfg.pretrained
-    model = build_model(cfg, run.model_config, use_te=run.use_te, device="meta" if on_meta else run.context.device)
-    if use_torch_compile(cfg):
+    on_meta = cfg.use_meta_device and run.use_te and not cfg.pretrained
+    device = "meta" if on_meta else context.device
+    model = build_model(
+        cfg, run.model_config, use_te=run.use_te, attn_input_format=run.layout.attn_input_format, device=device
+    )
+    if cfg.use_torch_compile:
         compile_transformer_layers(model)  # before sharding: FSDP2's hooks stay outside the compiled graphs
-    shard_model(model, run)
+    mesh = init_device_mesh(context.device.type, (context.world_size,), mesh_dim_names=("dp",))
+    on_gpu = context.uses_cuda  # CPU runs stay in FP32
+    apply_fsdp2(
+        model,
+        mesh,
+        param_dtype=torch.bfloat16 if on_gpu else None,
+        reduce_dtype=torch.float32 if on_gpu else None,
+        reshard=cfg.fsdp.reshard_after_forward,
+    )
     if on_meta:
-        materialize(model, run.context.device)  # allocates only this rank's shards
+        materialize(model, context.device)  # allocates only this rank's shards
     return model
+
+
+STRATEGY = Strategy(
+    name="fsdp2",
+    build_model=build_sharded_model,
+    state_dict=DistributedStateDict(),  # sharded DCP: each rank writes its shards, resharded on load
+    grad_sync=fsdp2_grad_sync,
+    inert_keys=("mfsdp",),
+)
 
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run = setup_run(cfg)
-    model = build_sharded_model(run)
-    optimizer = build_optimizer(cfg, model, run.context.device)
-    scheduler = build_scheduler(cfg, optimizer)
-    train(run, model, optimizer, scheduler, DistributedStateDict(), grad_sync=fsdp2_grad_sync)  # sharded DCP
+    run(cfg, STRATEGY)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
-"""What every entrypoint shares: run set-up, the optimizer, the training loop and validation.
+"""What every entrypoint shares: the `Strategy` value, run set-up, the training loop, validation and `run`.
 
-The entrypoints (`train_fsdp2.py`, ...) only wrap the model for their parallelism strategy and pick a checkpoint
-flavour; they hand the loop a `grad_sync` function saying how to skip gradient reduction on accumulation
-micro-batches.
+An entrypoint (`train_ddp.py`, `train_fsdp2.py`, `train_mfsdp.py`) defines how its strategy wraps the model, bundles
+that with the rest of what differs into one `STRATEGY`, and calls `run(cfg, STRATEGY)`.
 """
 
 from __future__ import annotations
@@ -14,31 +13,75 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torchmetrics.aggregation import SumMetric
-from transformers import AutoTokenizer, EsmConfig
 
-from checkpoint import Checkpointer, StateDictFlavour, check_writable
-from collator import IGNORE_INDEX
-from config_validation import validate_config
-from dataset import EpochLoader, build_dataloaders, resolve_path
-from distributed import DistributedContext, destroy_distributed, init_distributed
+from checkpoint import (
+    Checkpointer,
+    CheckpointParts,
+    ModelAndOptimizer,
+    Preemption,
+    StateDictFlavour,
+    TEExtraState,
+    check_writable,
+)
+from collator import IGNORE_INDEX, BatchLayout
+from config_validation import log_inert_keys, validate_config
+from convert import export_hf_model, source_format_of
+from dataset import resolve_path
+from distributed import DistributedContext, all_reduce_sum, destroy_distributed, init_distributed
+from loader import EpochLoader, build_dataloaders
 from model import load_model_config, resolve_use_te
-from parallel import local_gradients, parameter_memory_gib
+from parallel import clip_grad_norm_, gradient_norms, parameter_memory_gib, unwrap
 from perf_logger import PerfLogger
 from precision import check_gpu_supports, fp8_enabled
 from scheduler import build_esm2_scheduler
 
+if TYPE_CHECKING:
+    from transformers import EsmConfig
+
 logger = logging.getLogger(__name__)
 
 GradSync = Callable[[nn.Module, bool], AbstractContextManager]
-ClipGrads = Callable[[nn.Module, float], torch.Tensor]
+
+
+def no_grad_sync_needed(model: nn.Module, sync: bool) -> AbstractContextManager:
+    """For strategies that reduce gradients only when asked (or a single process): nothing to skip."""
+    return contextlib.nullcontext()
+
+
+def no_autocast(device: torch.device) -> AbstractContextManager:
+    """For strategies whose mixed-precision policy casts the weights themselves: the forward runs as it is."""
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Everything that differs between parallelism strategies; the loop, data and checkpoints are shared.
+
+    `build_model` builds the model and wraps it (from the `Run`, whose configuration it reads);
+    `prepare_optimizer` hooks an optimizer built on the wrapped model's parameters into the strategy;
+    `grad_sync(model, sync)` skips gradient reduction on accumulation micro-batches (`sync=False`);
+    `forward_context(device)` is the precision context around each forward; `clip_grads(model, max_norm)` clips by
+    the global norm and returns it; `state_dict` presents model and optimizer state to DCP and the export.
+    `needs_cuda` and `compiles` are checked at start-up; `inert_keys` are configuration keys (or sections) this
+    strategy does not read: one changed from its default is named once in the log.
+    """
+
+    name: str
+    build_model: Callable[[Run], nn.Module]
+    state_dict: StateDictFlavour
+    prepare_optimizer: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] = lambda optimizer: optimizer
+    grad_sync: GradSync = no_grad_sync_needed
+    forward_context: Callable[[torch.device], AbstractContextManager] = no_autocast
+    clip_grads: Callable[[nn.Module, float], torch.Tensor] = clip_grad_norm_
+    needs_cuda: bool = False
+    compiles: bool = True
+    inert_keys: tuple[str, ...] = ()
 
 
 class StepHook(Protocol):
@@ -58,22 +101,24 @@ class TrainResult:
 
 @dataclass
 class Run:
-    """Everything an entrypoint needs before it builds and wraps its model."""
+    """Everything a strategy needs before it builds and wraps its model, and the loop needs besides the model."""
 
     cfg: DictConfig
     context: DistributedContext
     tokenizer: Any
     model_config: EsmConfig
     use_te: bool
+    layout: BatchLayout
     train_stream: EpochLoader
     validation_loader: Any
 
 
-def setup_run(cfg: DictConfig) -> Run:
+def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
     """Validate the configuration, join the process group, and build tokenizer and data; fails before training."""
     model_config = load_model_config(cfg.model_tag)
     use_te, reason = resolve_use_te(cfg.use_te)
-    validate_config(cfg, model_config, use_te)
+    validate_config(cfg, model_config, use_te, strategy)
+    layout = BatchLayout.from_config(cfg)
     if cfg.checkpoint.ckpt_dir:
         check_writable(Path(cfg.checkpoint.ckpt_dir))
     context = init_distributed()
@@ -82,21 +127,23 @@ def setup_run(cfg: DictConfig) -> Run:
     if not context.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     logger.info("Model: %s, %s.", cfg.model_tag, reason)
+    log_inert_keys(cfg, strategy)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.tokenizer))
-    train_stream, validation_loader = build_dataloaders(cfg, context, tokenizer)
+    train_stream, validation_loader = build_dataloaders(cfg, layout, context, tokenizer)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    return Run(cfg, context, tokenizer, model_config, use_te, train_stream, validation_loader)
+    return Run(cfg, context, tokenizer, model_config, use_te, layout, train_stream, validation_loader)
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(optimizer_cfg: Any, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
     """AdamW as ESM-2 trained it (weight decay on all parameters); the fused CUDA kernel on GPU."""
-    opt = cfg.optimizer
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=float(opt.lr),
-        betas=tuple(opt.betas),
-        eps=float(opt.eps),
-        weight_decay=float(opt.weight_decay),
+        lr=float(optimizer_cfg.lr),
+        betas=tuple(optimizer_cfg.betas),
+        eps=float(optimizer_cfg.eps),
+        weight_decay=float(optimizer_cfg.weight_decay),
         fused=device.type == "cuda",
     )
 
@@ -110,6 +157,15 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> torch.
         decay_fraction=float(sched.decay_fraction),
         min_lr_ratio=float(sched.min_lr_ratio),
     )
+
+
+def build_training(
+    run: Run, strategy: Strategy
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The wrapped model, its optimizer (built after wrapping: it steps the strategy's parameters) and schedule."""
+    model = strategy.build_model(run)
+    optimizer = strategy.prepare_optimizer(build_optimizer(run.cfg.optimizer, model, run.context.device))
+    return model, optimizer, build_scheduler(run.cfg, optimizer)
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -127,48 +183,32 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def no_grad_sync_needed(model: nn.Module, sync: bool) -> AbstractContextManager:
-    """For a single process, or strategies that reduce gradients only at the optimizer step."""
-    return contextlib.nullcontext()
+def global_loss_scale(micro_batches: list[dict[str, Any]], world_size: int) -> torch.Tensor:
+    """Factor turning a micro-batch's summed token loss into its share of the step's global mean loss.
 
-
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip by the global norm with torch: right for replicated (DDP) and evenly sharded (FSDP2) gradients."""
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-
-
-@torch.no_grad()
-def gradient_norms(model: nn.Module, device: torch.device) -> dict[str, float]:
-    """Every parameter's gradient L2 norm over all ranks (0 where no rank has one), keyed by name without wrappers.
-
-    A debugging aid that compares strategies and GPU counts parameter by parameter: with the same weights and global
-    batch, DDP, FSDP2 and Megatron-FSDP on any number of ranks must agree. One collective and one host sync.
+    Every masked token of the optimizer step, on every rank and micro-batch, weighs the same: the loss is divided by
+    the global count of masked tokens (all-reduced on the device, so the host never waits), and multiplied by the
+    world size because data-parallel gradient reduction averages over ranks. A run on N ranks then computes exactly
+    the gradients of one rank holding the whole global batch, and gradient accumulation matches a larger batch.
     """
-    names = [name.removeprefix("module.") for name, _ in model.named_parameters()]  # the same list on every rank
-    position = {name: index for index, name in enumerate(names)}
-    sharded, replicated = (torch.zeros(len(names), device=device) for _ in range(2))
-    for part in local_gradients(model):
-        (sharded if part.sharded else replicated)[position[part.name]] = part.tensor.float().square().sum()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sharded)
-    return dict(zip(names, (sharded + replicated).sqrt().tolist(), strict=True))
+    count = all_reduce_sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches).float())
+    return world_size / count
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, device: torch.device, max_batches: int) -> dict[str, float]:
-    """Masked-token loss and perplexity over (the first `max_batches` batches of) this rank's validation share."""
+    """Masked-token loss and perplexity over (the first `max_batches` batches of) every rank's validation share."""
     model.eval()
-    loss_sum = SumMetric(nan_strategy="disable").to(device)
-    token_count = SumMetric(nan_strategy="disable").to(device)
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # summed token loss, masked-token count
     for index, batch in enumerate(loader):
         if index >= max_batches:
             break
         batch = to_device(batch, device)
         logits = model(**model_inputs(batch)).logits
-        loss_sum.update(mlm_loss(logits, batch["labels"], reduction="sum"))
-        token_count.update((batch["labels"] != IGNORE_INDEX).sum())
+        sums[0] += mlm_loss(logits, batch["labels"], reduction="sum")
+        sums[1] += (batch["labels"] != IGNORE_INDEX).sum()
     model.train()
-    loss = (loss_sum.compute() / token_count.compute()).item()  # compute() sums over ranks
+    loss = (all_reduce_sum(sums)[0] / sums[1]).item()
     return {"val/loss": loss, "val/perplexity": float(torch.tensor(loss).exp())}
 
 
@@ -178,15 +218,36 @@ def count_tokens(batch: dict[str, Any], pad_token_id: int) -> tuple[int, int]:
     return int((input_ids != pad_token_id).sum()), input_ids.numel()
 
 
+def forward_backward(
+    model: nn.Module, strategy: Strategy, micro_batches: list[dict[str, Any]], world_size: int
+) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches, reducing gradients on the last; the step's loss."""
+    device = micro_batches[0]["input_ids"].device
+    loss_scale = global_loss_scale(micro_batches, world_size)
+    step_loss = torch.zeros((), device=device)
+    for micro_step, batch in enumerate(micro_batches):
+        with strategy.grad_sync(model, micro_step == len(micro_batches) - 1):
+            with strategy.forward_context(device):
+                logits = model(**model_inputs(batch)).logits
+                loss = mlm_loss(logits, batch["labels"], reduction="sum") * loss_scale
+            loss.backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+def write_gradient_norms(model: nn.Module, path: str, step: int, is_main: bool) -> None:
+    norms = gradient_norms(model)  # a collective: every rank takes part
+    if is_main:
+        Path(path).write_text(json.dumps({"step": step, "grad_norms": norms}, indent=1))
+
+
 def train_loop(
     run: Run,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    strategy: Strategy,
     *,
-    grad_sync: GradSync = no_grad_sync_needed,
-    forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-    clip_grads: ClipGrads = clip_grad_norm,
     start_step: int = 0,
     after_step: StepHook | None = None,
 ) -> TrainResult:
@@ -195,43 +256,29 @@ def train_loop(
     Per step: `grad_acc_steps` micro-batches forward and backward (gradient reduction only on the last), gradient
     clipping, optimizer and scheduler step. Loss and grad norm stay on the device; the host reads them at log steps.
     """
-    cfg, device = run.cfg, run.context.device
-    grad_acc = int(cfg.grad_acc_steps)
-    max_grad_norm = float(cfg.optimizer.max_grad_norm)
-    pad_id = run.tokenizer.pad_token_id
-    grad_norms_file = cfg.logger.get("grad_norms_file")
-    perf = PerfLogger(cfg, run.context, start_step=start_step)
+    cfg, context = run.cfg, run.context
+    perf = PerfLogger(cfg, context, start_step=start_step)
     batches: Iterator[dict[str, Any]] = iter(run.train_stream)
     model.train()
     step = start_step
     try:
         while step < cfg.num_train_steps:
-            host_batches = [next(batches) for _ in range(grad_acc)]
-            tokens, padded_tokens = map(sum, zip(*(count_tokens(b, pad_id) for b in host_batches), strict=True))
-            micro_batches = [to_device(b, device) for b in host_batches]
-            loss_scale = global_loss_scale(micro_batches, run.context.world_size)
-            step_loss = torch.zeros((), device=device)
-            for micro_step, batch in enumerate(micro_batches):
-                with grad_sync(model, micro_step == grad_acc - 1):
-                    with forward_context():
-                        logits = model(**model_inputs(batch)).logits
-                        loss = mlm_loss(logits, batch["labels"], reduction="sum") * loss_scale
-                    loss.backward()
-                step_loss += loss.detach()
-            if grad_norms_file and step == start_step:  # the run's first step, before clipping
-                norms = gradient_norms(model, device)
-                if run.context.is_main:
-                    Path(grad_norms_file).write_text(json.dumps({"step": step + 1, "grad_norms": norms}, indent=1))
-            grad_norm = clip_grads(model, max_grad_norm)
+            host_batches = [next(batches) for _ in range(cfg.grad_acc_steps)]
+            counts = [count_tokens(b, run.tokenizer.pad_token_id) for b in host_batches]
+            tokens, padded = sum(real for real, _ in counts), sum(total for _, total in counts)
+            micro_batches = [to_device(b, context.device) for b in host_batches]
+            step_loss = forward_backward(model, strategy, micro_batches, context.world_size)
+            if cfg.logger.grad_norms_file and step == start_step:  # the run's first step, before clipping
+                write_gradient_norms(model, cfg.logger.grad_norms_file, step + 1, context.is_main)
+            grad_norm = strategy.clip_grads(model, float(cfg.optimizer.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            perf.log_step(step, step_loss, grad_norm, scheduler.get_last_lr()[0], tokens, padded_tokens)
+            perf.log_step(step, step_loss, grad_norm, scheduler.get_last_lr()[0], tokens, padded)
             if _due(step, cfg.validation.every_n_steps, cfg.num_train_steps) and run.validation_loader is not None:
-                perf.log_validation(
-                    step, evaluate(model, run.validation_loader, device, int(cfg.validation.max_batches))
-                )
+                metrics = evaluate(model, run.validation_loader, context.device, int(cfg.validation.max_batches))
+                perf.log_validation(step, metrics)
             if after_step is not None and after_step(step):
                 break
     finally:
@@ -239,49 +286,41 @@ def train_loop(
     return TrainResult(step=step, completed=step >= cfg.num_train_steps, metrics=perf.last_metrics)
 
 
-def train(
-    run: Run,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    checkpoint_flavour: StateDictFlavour,
-    *,
-    grad_sync: GradSync = no_grad_sync_needed,
-    forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-    clip_grads: ClipGrads = clip_grad_norm,
-) -> TrainResult:
-    """Everything after wrapping: resume from the newest checkpoint, train, save, export, leave the process group."""
+def export_final_model(run: Run, model: nn.Module, strategy: Strategy) -> Path:
+    """Write `<ckpt_dir>/final_model`: transformers ESM weights (safetensors), config and tokenizer."""
+    state = strategy.state_dict.full_model_state_dict(model)  # a collective: every rank takes part
+    out_dir = Path(run.cfg.checkpoint.ckpt_dir) / "final_model"
+    if run.context.is_main:
+        config = unwrap(model).config
+        tokenizer_dir = resolve_path(run.cfg.tokenizer)
+        export_hf_model(state, config, out_dir, tokenizer_dir, source_format=source_format_of(config), overwrite=True)
+        logger.info("Exported the final model to %s (load with AutoModelForMaskedLM.from_pretrained).", out_dir)
+    run.context.barrier()
+    return out_dir
+
+
+def run(cfg: DictConfig, strategy: Strategy) -> TrainResult:
+    """An entrypoint's whole job: set up, wrap, resume, train, checkpoint, export, leave the process group."""
+    setup = setup_run(cfg, strategy)
+    model, optimizer, scheduler = build_training(setup, strategy)
     local_gib, whole_gib = parameter_memory_gib(model)
     logger.info("Parameters stored on this rank: %.4g GiB of the model's %.4g GiB.", local_gib, whole_gib)
-    checkpointer = Checkpointer(run.cfg, run, model, optimizer, scheduler, checkpoint_flavour)
-    result = train_loop(
-        run,
-        model,
-        optimizer,
-        scheduler,
-        grad_sync=grad_sync,
-        forward_context=forward_context,
-        clip_grads=clip_grads,
-        start_step=checkpointer.resume(),
-        after_step=checkpointer.after_step,
+    parts = CheckpointParts(
+        model_optim=ModelAndOptimizer(model, optimizer, strategy.state_dict),
+        scheduler=scheduler,
+        data=setup.train_stream,
+        fp8=TEExtraState(model),
     )
+    checkpointer = Checkpointer(cfg.checkpoint, setup.context, parts)
+    preemption = Preemption().install()
+    start_step = checkpointer.resume()
+    after_step = lambda step: checkpointer.after_step(step, preemption.any_rank())  # noqa: E731
+    result = train_loop(setup, model, optimizer, scheduler, strategy, start_step=start_step, after_step=after_step)
     checkpointer.finish(result.step, completed=result.completed)
+    if result.completed and cfg.checkpoint.ckpt_dir and cfg.checkpoint.save_final_model:
+        export_final_model(setup, model, strategy)
     destroy_distributed()
     return result
-
-
-def global_loss_scale(micro_batches: list[dict[str, Any]], world_size: int) -> torch.Tensor:
-    """Factor turning a micro-batch's summed token loss into its share of the step's global mean loss.
-
-    Every masked token of the optimizer step, on every rank and micro-batch, weighs the same: the loss is divided by
-    the global count of masked tokens (all-reduced on the device, so the host never waits), and multiplied by the
-    world size because data-parallel gradient reduction averages over ranks. A run on N ranks then computes exactly
-    the gradients of one rank holding the whole global batch, and gradient accumulation matches a larger batch.
-    """
-    count = sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches).float()
-    if world_size > 1:
-        dist.all_reduce(count)
-    return world_size / count
 
 
 def _due(step: int, every: int, last_step: int) -> bool:

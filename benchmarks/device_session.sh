@@ -26,8 +26,8 @@ timeout 300 python3 benchmark.py --config-name benchmark "benchmark.models=[esm2
 echo "benchmark rc=$?" | tee -a "$RUNS/status.txt"; pack
 
 # 2. FP8 recipes track BF16 over 200 steps of the 35M model with packed batches (issue 4).
-for preset in bf16_thd fp8_thd fp8_current_thd fp8_block_thd; do
-  train "35M_$preset" 90 train_fsdp2.py model_tag=esm2_t12_35M_UR50D "precision=$preset" num_train_steps=200 \
+for preset in bf16 fp8_delayed fp8_current fp8_block; do
+  train "35M_$preset" 90 train_fsdp2.py model_tag=esm2_t12_35M_UR50D "precision=$preset" use_sequence_packing=true num_train_steps=200 \
     dataset.max_seq_length=1024 lr_scheduler.warmup_steps=20 optimizer.lr=4e-4 logger.log_every_n_steps=20 \
     validation.every_n_steps=0
 done

@@ -2,12 +2,13 @@
 
     torchrun --nproc_per_node=2 benchmarks/mfsdp_gradient_check.py [--strategy optim_grads_params] [--trace]
 
-Every rank wraps the TE ESM-2 model exactly as train_mfsdp.py does (`shard_model`), runs one forward and backward on
-its own batch, and reads the reduced gradient norms with `training.gradient_norms`. Every rank also holds a plain copy
-of the same BF16 weights and computes the gradient of the same global mean loss over all ranks' batches. With correct
-averaging the two agree to BF16 rounding; a parameter whose ratio is 2 (summed, not averaged) or 0 (lost) is a bug.
-`--trace` also prints Megatron-FSDP's gradient buckets, how often each was reduced, and the gradient hooks on every
-parameter. Writes a JSON report to --out on rank 0 and exits non-zero when a parameter is off by more than 5%.
+Every rank wraps the TE ESM-2 model exactly as train_mfsdp.py does (`apply_megatron_fsdp`), runs one forward and
+backward on its own batch, and reads the reduced gradient norms with `parallel.gradient_norms`. Every rank also
+holds a plain copy of the same BF16 weights and computes the gradient of the same global mean loss over all ranks'
+batches. With correct averaging the two agree to BF16 rounding; a parameter whose ratio is 2 (summed, not
+averaged) or 0 (lost) is a bug. `--trace` also prints Megatron-FSDP's gradient buckets, how often each was
+reduced, and the gradient hooks on every parameter. Writes a JSON report to --out on rank 0 and exits non-zero
+when a parameter is off by more than 5%.
 """
 
 from __future__ import annotations
@@ -18,19 +19,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_mfsdp
 from collator import IGNORE_INDEX
-from model import load_model_config
+from model import cast_parameters, load_model_config
 from modeling_esm_te import NVEsmConfig, NVEsmForMaskedLM
-from train_mfsdp import MegatronFSDPOptions, cast_parameters, mfsdp_grad_sync, shard_model
-from training import gradient_norms, mlm_loss, model_inputs
+from parallel import gradient_norms
+from train_mfsdp import apply_megatron_fsdp, mfsdp_grad_sync
+from training import mlm_loss, model_inputs
 
 TOLERANCE = 0.05
 CLS_ID, EOS_ID = 0, 2  # the ESM alphabet's <cls> and <eos> (tokenizers/esm2)
@@ -114,17 +116,22 @@ def main() -> int:
 
     torch.manual_seed(0)
     source = NVEsmForMaskedLM(config, device="meta" if args.meta else device)
-    options = MegatronFSDPOptions(
-        zero_dp_strategy=args.strategy,
-        overlap_grad_reduce=not args.no_overlap,
-        overlap_param_gather=not args.no_overlap,
-    )
-    run = SimpleNamespace(context=SimpleNamespace(world_size=world, device=device), cfg={})
+    mesh = init_device_mesh("cuda", (world, 1), mesh_dim_names=("dp", "tp"))
     reductions = trace_reductions() if args.trace else collections.Counter()
     if args.dict_output:
         train_mfsdp.return_tuple_outputs = lambda model: None
     with HookCounter() as hooks:
-        wrapped = shard_model(source, run, options, on_meta=args.meta)
+        wrapped = apply_megatron_fsdp(
+            source,
+            mesh,
+            device,
+            zero_dp_strategy=args.strategy,
+            main_params_dtype=torch.float32,
+            main_grads_dtype=torch.float32,
+            overlap_grad_reduce=not args.no_overlap,
+            overlap_param_gather=not args.no_overlap,
+            on_meta=args.meta,
+        )
 
     # The unsharded twin: every weight gathered from the shards (collectives in the same order on every rank).
     from megatron_fsdp.uneven_dtensor import uneven_dtensor_to_full_tensor
@@ -147,7 +154,7 @@ def main() -> int:
     with mfsdp_grad_sync(wrapped, True):
         loss = summed_loss(wrapped, batches[rank]) * (world / total)
         loss.backward()
-    got = gradient_norms(wrapped, device)
+    got = gradient_norms(wrapped)
 
     reference.train()
     reference_loss = sum(summed_loss(reference, batch) / total for batch in batches)

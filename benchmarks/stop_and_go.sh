@@ -9,8 +9,8 @@ NPROC=${NPROC:-2}
 STEPS=${STEPS:-16}
 RUNS=$(mktemp -d)
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-PRECISION=${PRECISION:-fp8_thd}
-COMMON=(--config-name L0_sanity "precision=$PRECISION" "num_train_steps=$STEPS" logger.log_every_n_steps=1
+PRECISION=${PRECISION:-fp8_delayed}
+COMMON=(--config-name L0_sanity "precision=$PRECISION" use_sequence_packing=true "num_train_steps=$STEPS" logger.log_every_n_steps=1
   logger.progress_bar=false validation.every_n_steps=0 checkpoint.save_every_n_steps=1000)
 
 ARCHIVE=stop_and_go.tgz

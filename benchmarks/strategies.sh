@@ -11,10 +11,10 @@ NPROC=${NPROC:-2}
 STEPS=${STEPS:-50}
 STRATEGIES=${STRATEGIES:-ddp fsdp2 mfsdp}
 BIG_STRATEGIES=${BIG_STRATEGIES:-$STRATEGIES}
-PRECISION=${PRECISION:-fp8_thd}
+PRECISION=${PRECISION:-fp8_delayed}
 RUNS=$(mktemp -d)
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-COMMON=(--config-name L0_sanity "precision=$PRECISION" logger.progress_bar=false validation.every_n_steps=0
+COMMON=(--config-name L0_sanity "precision=$PRECISION" use_sequence_packing=true logger.progress_bar=false validation.every_n_steps=0
   checkpoint.ckpt_dir=null)
 ARCHIVE=strategies.tgz
 source "$(dirname "$0")/launch.sh"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +54,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch(args, out_dir, nproc=1, env=None, timeout=600):
+    """Run a recipe script as a user would: `python ARGS...`, or `torchrun --nproc_per_node=N ARGS...` for N > 1.
+
+    One thread per process, so several ranks share two cores fairly; Hydra's run folder goes under `out_dir`.
+    """
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*launcher, *args, f"hydra.run.dir={out_dir / 'hydra'}"],
+        cwd=RECIPE_DIR,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(path):
+    """The JSON lines a run's `logger.metrics_file` holds."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]

@@ -2,14 +2,11 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import RECIPE_DIR, compose, read_fasta_sequences
+from conftest import compose, launch, read_fasta_sequences
 from transformers import EsmConfig, EsmForMaskedLM
 
 from benchmark import VARIANTS, matmul_parameters, model_flops, real_lengths, variant_config
@@ -81,12 +78,11 @@ def test_variant_configs_share_the_token_capacity():
     assert set(cfg.benchmark.variants) <= set(VARIANTS)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_benchmark_writes_table_json_and_chart_on_cpu(tmp_path):
     out = tmp_path / "results"
-    result = subprocess.run(
+    result = launch(
         [
-            sys.executable,
             "benchmark.py",
             "--config-name",
             "benchmark",
@@ -100,12 +96,9 @@ def test_benchmark_writes_table_json_and_chart_on_cpu(tmp_path):
             "benchmark.profile_steps=1",
             "dataset.num_workers=1",
             f"benchmark.output_dir={out}",
-            f"hydra.run.dir={tmp_path / 'hydra'}",
         ],
-        cwd=RECIPE_DIR,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"},
-        capture_output=True,
-        text=True,
+        tmp_path,
+        env={"OMP_NUM_THREADS": "2"},
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -139,15 +132,15 @@ def test_benchmark_writes_table_json_and_chart_on_cpu(tmp_path):
 
 
 def _run_benchmark(tmp_path, *overrides):
-    return subprocess.run(
-        [sys.executable, "benchmark.py", "--config-name", "benchmark", "benchmark.models=[esm2_t6_8M_UR50D]",
+    return launch(
+        ["benchmark.py", "--config-name", "benchmark", "benchmark.models=[esm2_t6_8M_UR50D]",
          "dataset.max_seq_length=256", "benchmark.token_budget=512", "dataset.num_workers=0",
-         f"benchmark.output_dir={tmp_path / 'results'}", f"hydra.run.dir={tmp_path / 'hydra'}", *overrides],
-        cwd=RECIPE_DIR, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=300,
+         f"benchmark.output_dir={tmp_path / 'results'}", *overrides],
+        tmp_path, env={"OMP_NUM_THREADS": "2"}, timeout=300,
     )  # fmt: skip
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_benchmark_wraps_like_the_fsdp2_entrypoint_on_request(tmp_path):
     result = _run_benchmark(
         tmp_path,
@@ -166,8 +159,21 @@ def test_benchmark_wraps_like_the_fsdp2_entrypoint_on_request(tmp_path):
     assert "FSDP2 on one device" in path.with_suffix(".md").read_text()
 
 
+@pytest.mark.e2e
 def test_benchmark_refuses_an_unknown_strategy_before_measuring(tmp_path):
     result = _run_benchmark(tmp_path, "benchmark.strategy=zero3", "benchmark.variants=[hf_padlongest]")
     assert result.returncode != 0
-    assert "benchmark.strategy='zero3' must be one of ('ddp', 'fsdp2')" in result.stderr
+    assert "benchmark.strategy='zero3' must be one of ('ddp', 'fsdp2', 'mfsdp')" in result.stderr
     assert not list((tmp_path / "results").glob("*.json"))
+
+
+def test_benchmark_knows_the_three_strategies_of_the_entrypoints():
+    import train_ddp
+    import train_fsdp2
+    import train_mfsdp
+    from benchmark import STRATEGIES, skip_reason
+
+    assert STRATEGIES == {"ddp": train_ddp.STRATEGY, "fsdp2": train_fsdp2.STRATEGY, "mfsdp": train_mfsdp.STRATEGY}
+    cfg = variant_config(compose("benchmark"), "esm2_t6_8M_UR50D", VARIANTS["hf_padlongest"], warmup=2, timed=2)
+    assert skip_reason(cfg, VARIANTS["hf_padlongest"], train_mfsdp.STRATEGY) == "mfsdp needs CUDA GPUs"
+    assert skip_reason(cfg, VARIANTS["hf_padlongest"], train_ddp.STRATEGY) is None

@@ -2,20 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
-from conftest import RECIPE_DIR, read_fasta_sequences
+from conftest import RECIPE_DIR, launch, read_fasta_sequences
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from checkpoint import CheckpointError, check_writable, list_checkpoints, verify_manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SMALL = [
     "dataset.max_seq_length=64",
@@ -24,18 +22,6 @@ SMALL = [
     "logger.log_every_n_steps=1",
     "logger.progress_bar=false",
 ]
-
-
-def launch(args, tmp_path, nproc=1, env=None):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(
-        [*(launcher if nproc > 1 else [sys.executable]), *args, f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=RECIPE_DIR,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def losses(metrics_file):

@@ -1,14 +1,34 @@
+"""Masking statistics, cropping, padded (BSHD) and packed (THD) batches, and the batch layout they follow."""
+
 import numpy as np
 import pytest
 import torch
-from conftest import read_fasta_sequences
+from conftest import compose, read_fasta_sequences
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from collator import CANONICAL_AMINO_ACIDS, IGNORE_INDEX, BSHDCollator, MLMMasker
+from collator import (
+    CANONICAL_AMINO_ACIDS,
+    IGNORE_INDEX,
+    BatchLayout,
+    BatchLayoutError,
+    BSHDCollator,
+    MLMMasker,
+    THDCollator,
+    build_collator,
+)
+from precision import FP8_RECIPES, token_multiple
 
 
 @pytest.fixture(scope="module")
 def sample_ids(tokenizer):
     return tokenizer(read_fasta_sequences(400))["input_ids"]
+
+
+def fake_tokens(length, index):
+    """A distinct <cls> ... <eos> token list of `length` whose residues encode `index`."""
+    rng = np.random.default_rng(index)
+    return [0, *rng.integers(4, 24, size=length - 2).tolist(), 2]
 
 
 def make_masker(tokenizer, **kwargs):
@@ -118,3 +138,65 @@ def test_bad_masker_arguments(tokenizer):
         make_masker(tokenizer, crop="tail")
     with pytest.raises(ValueError, match="max_seq_length"):
         make_masker(tokenizer, max_seq_length=2)
+
+
+@pytest.mark.parametrize("recipe", [None, *FP8_RECIPES])
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(3, 200), min_size=0, max_size=20))
+def test_thd_collator_layout_and_padding(tokenizer, recipe, lengths):
+    overrides = [] if recipe is None else ["fp8_config.enabled=true", f"fp8_config.recipe={recipe}"]
+    multiple = token_multiple(compose("L0_sanity", overrides))
+    assert multiple == (8 if recipe is None else max(16, FP8_RECIPES[recipe].token_multiple))
+    collator = THDCollator(make_masker(tokenizer, max_seq_length=256, seed=1), tokenizer.pad_token_id, multiple)
+    samples = [{"input_ids": fake_tokens(n, i)} for i, n in enumerate(lengths)]
+    batch = collator(samples)
+    ids, labels, cu = batch["input_ids"][0], batch["labels"][0], batch["cu_seqlens"]
+    total = sum(lengths)
+    assert ids.shape == labels.shape and ids.numel() % multiple == 0
+    assert ids.numel() - total < multiple or (total == 0 and ids.numel() == multiple)  # an empty pack: padding only
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == ids.numel()
+    seqlens = torch.diff(cu).tolist()
+    assert seqlens[: len(lengths)] == lengths
+    assert batch["max_seqlen"] == max(seqlens)
+    for index, (start, n) in enumerate(zip(cu.tolist(), lengths, strict=False)):
+        original = torch.tensor(samples[index]["input_ids"])
+        restored = torch.where(
+            labels[start : start + n] != IGNORE_INDEX, labels[start : start + n], ids[start : start + n]
+        )
+        torch.testing.assert_close(restored, original)
+    padding = slice(total, None)
+    assert (ids[padding] == tokenizer.pad_token_id).all() and (labels[padding] == IGNORE_INDEX).all()
+    if total % multiple:
+        assert len(seqlens) == len(lengths) + 1  # the padding is its own segment
+
+
+def test_packed_and_padded_batches_carry_the_same_tokens_and_labels(tokenizer):
+    cfg_thd = compose("L0_sanity", ["use_sequence_packing=true", "dataset.max_seq_length=128"])
+    cfg_bshd = compose("L0_sanity", ["dataset.max_seq_length=128"])
+    samples = [{"input_ids": fake_tokens(n, i)} for i, n in enumerate([50, 128, 300, 7])]
+    thd = build_collator(cfg_thd.dataset, BatchLayout.from_config(cfg_thd), tokenizer, seed=3)(samples)
+    bshd = build_collator(cfg_bshd.dataset, BatchLayout.from_config(cfg_bshd), tokenizer, seed=3)(samples)
+    real = bshd["attention_mask"].bool()
+    n = int(real.sum())
+    torch.testing.assert_close(thd["input_ids"][0, :n], bshd["input_ids"][real])
+    torch.testing.assert_close(thd["labels"][0, :n], bshd["labels"][real])
+
+
+def test_budget_smaller_than_a_sequence_is_refused():
+    cfg = compose("L0_sanity", ["use_sequence_packing=true", "token_micro_batch_size=100"])
+    with pytest.raises(BatchLayoutError, match=r"cannot hold one sequence of dataset\.max_seq_length=256"):
+        BatchLayout.from_config(cfg)
+
+
+def test_budget_is_rounded_to_the_recipe_multiple():
+    cfg = compose(
+        "L0_sanity",
+        [
+            "precision=fp8_block",
+            "use_sequence_packing=true",
+            "token_micro_batch_size=1000",
+            "dataset.max_seq_length=512",
+        ],
+    )
+    layout = BatchLayout.from_config(cfg)
+    assert layout.token_budget == 896 and layout.packed and layout.attn_input_format == "thd"  # multiple of 128

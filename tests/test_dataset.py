@@ -5,20 +5,9 @@ import logging
 import datasets
 import pandas as pd
 import pytest
-import torch
 from conftest import SAMPLE_FASTA, compose, read_fasta_sequences
 
-from dataset import (
-    DataConfigError,
-    EpochLoader,
-    GlobalShuffleSampler,
-    build_dataloaders,
-    load_sequence_splits,
-    read_fasta,
-)
-from distributed import DistributedContext
-
-CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+from dataset import DataConfigError, load_sequence_splits, read_fasta
 
 
 def data_cfg(path, *overrides):
@@ -118,57 +107,3 @@ def test_streaming_refuses_a_fractional_validation_size(tokenizer):
     cfg = data_cfg(SAMPLE_FASTA, "dataset.streaming=true", "dataset.validation_size=0.1")
     with pytest.raises(DataConfigError, match="number of sequences"):
         load_sequence_splits(cfg, tokenizer, seed=0)
-
-
-def test_global_shuffle_sampler_shards_disjointly_and_resumes_on_any_world_size():
-    n = 103
-    shards = [list(GlobalShuffleSampler(n, rank, 4, seed=3)) for rank in range(4)]
-    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == 25
-    flat = [i for shard in shards for i in shard]
-    assert len(set(flat)) == len(flat) == 100
-    # an uninterrupted epoch on 1 rank, versus 24 samples on 2 ranks then the rest on 3 ranks
-    order = GlobalShuffleSampler(n, 0, 1, seed=3).permutation().tolist()
-    first = [list(GlobalShuffleSampler(n, r, 2, seed=3))[:12] for r in range(2)]
-    resumed = []
-    for r in range(3):
-        sampler = GlobalShuffleSampler(n, r, 3, seed=3)
-        sampler.set_epoch(0, start=24)
-        resumed.append(list(sampler))
-    seen = [i for s in first for i in s] + [i for s in resumed for i in s]
-    assert len(seen) == len(set(seen)) == 24 + 3 * 26
-    assert set(seen) == set(order[: 24 + 3 * 26])
-    # a new epoch is a new permutation
-    sampler = GlobalShuffleSampler(n, 0, 1, seed=3)
-    sampler.set_epoch(1)
-    assert sampler.permutation().tolist() != order
-
-
-def test_training_stream_reshuffles_each_epoch_and_resumes_mid_epoch(tokenizer, tmp_path):
-    fasta = tmp_path / "small.fasta"
-    fasta.write_text("".join(f">s{i}\n{seq}\n" for i, seq in enumerate(read_fasta_sequences(40))))
-    cfg = compose(
-        "L0_sanity",
-        [f"dataset.path={fasta}", "dataset.validation_size=0", "dataset.micro_batch_size=4", "dataset.num_workers=1"],
-    )
-    stream, validation = build_dataloaders(cfg, CPU, tokenizer)
-    assert validation is None
-    batches = iter(stream)
-    epoch0 = [next(batches)["labels"] for _ in range(10)]
-    assert stream.epoch == 0
-    middle = stream.state_dict()
-    epoch1 = [next(batches)["labels"] for _ in range(10)]
-    assert stream.epoch == 1
-    assert middle == {"epoch": 0, "world_size": 1, "consumed": 40}
-
-    fresh, _ = build_dataloaders(cfg, CPU, tokenizer)
-    fresh.load_state_dict({"epoch": 1, "world_size": 1, "consumed": 20})
-    resumed = iter(fresh)
-    for expected in epoch1[5:]:
-        torch.testing.assert_close(next(resumed)["labels"], expected)
-    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
-
-
-def test_epoch_loader_refuses_streaming_resume_on_another_world_size():
-    stream = EpochLoader(loader=None, collator=None, world_size=2)
-    with pytest.raises(DataConfigError, match="same number of ranks"):
-        stream.load_state_dict({"epoch": 0, "world_size": 4, "loader": {}})

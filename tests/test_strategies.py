@@ -7,7 +7,6 @@ both runs compute the same mean over the same tokens with the same initial weigh
 """
 
 import functools
-import itertools
 import json
 import math
 import os
@@ -19,11 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import RECIPE_DIR, compose, free_port
-
-import train_mfsdp
-from model import build_model, load_model_config
+from conftest import RECIPE_DIR, free_port, launch, read_metrics
 
 SMALL = [
     "--config-name",
@@ -35,60 +30,46 @@ SMALL = [
     "logger.progress_bar=false",
 ]
 GLOBAL_BATCH = 8
-CUDA_MESSAGE = "Megatron-FSDP needs CUDA GPUs; use train_fsdp2.py or train_ddp.py on CPU."
+CUDA_MESSAGE = "train_mfsdp.py needs CUDA GPUs; use train_fsdp2.py or train_ddp.py on CPU."
 
 
 def cpu_env(**extra):
-    """The test environment for child processes: one thread each, so several ranks share two cores fairly."""
+    """The environment of the slurm.sh launches: one thread each, so several ranks share two cores fairly."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def launch(args, out_dir, nproc=1, timeout=300):
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(
-        [*launcher, *args, f"hydra.run.dir={out_dir / 'hydra'}"],
-        cwd=RECIPE_DIR,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def read_metrics(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def one_and_two_ranks(tmp_path_factory):
-    """Metrics of an entrypoint's run on one rank (micro-batch 8) and on two ranks (micro-batch 4 each), run once."""
+    """An entrypoint's runs with the same global batch of 8, run once each and keyed by how they split it.
+
+    1: one rank, micro-batch 8; 2: two ranks, micro-batch 4 each; "acc": one rank, micro-batch 4, grad_acc_steps=2.
+    """
 
     @functools.cache
     def metrics_of(entrypoint):
         metrics = {}
-        for nproc in (1, 2):
-            out_dir = tmp_path_factory.mktemp(f"{entrypoint.removesuffix('.py')}_{nproc}")
+        for key, nproc, grad_acc in ((1, 1, 1), (2, 2, 1), ("acc", 1, 2)):
+            out_dir = tmp_path_factory.mktemp(f"{entrypoint.removesuffix('.py')}_{key}")
             metrics_file = out_dir / "metrics.jsonl"
             args = [
                 entrypoint,
                 *SMALL,
-                f"dataset.micro_batch_size={GLOBAL_BATCH // nproc}",
+                f"dataset.micro_batch_size={GLOBAL_BATCH // nproc // grad_acc}",
+                f"grad_acc_steps={grad_acc}",
                 f"logger.metrics_file={metrics_file}",
                 f"logger.grad_norms_file={out_dir / 'grad_norms.json'}",
             ]
-            result = launch(args, out_dir, nproc=nproc)
+            result = launch(args, out_dir, nproc=nproc, timeout=300)
             assert result.returncode == 0, result.stderr[-3000:]
-            metrics[nproc] = read_metrics(metrics_file)
-            metrics[f"log_{nproc}"] = result.stdout + result.stderr
-            metrics[f"grad_norms_{nproc}"] = json.loads((out_dir / "grad_norms.json").read_text())
+            metrics[key] = read_metrics(metrics_file)
+            metrics[f"log_{key}"] = result.stdout + result.stderr
+            metrics[f"grad_norms_{key}"] = json.loads((out_dir / "grad_norms.json").read_text())
         return metrics
 
     return metrics_of
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("entrypoint", ["train_ddp.py", "train_fsdp2.py"])
 def test_two_rank_run_completes_with_validation(one_and_two_ranks, entrypoint):
     metrics = one_and_two_ranks(entrypoint)[2]
@@ -104,7 +85,7 @@ def stored_parameter_gib(log: str) -> tuple[float, float]:
     return float(match[1]), float(match[2])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize(("entrypoint", "share"), [("train_ddp.py", 1.0), ("train_fsdp2.py", 0.5)])
 def test_sharding_divides_the_parameters_each_rank_stores(one_and_two_ranks, entrypoint, share):
     runs = one_and_two_ranks(entrypoint)
@@ -114,7 +95,7 @@ def test_sharding_divides_the_parameters_each_rank_stores(one_and_two_ranks, ent
     assert two_local == pytest.approx(share * one_whole, rel=0.02)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("entrypoint", ["train_ddp.py", "train_fsdp2.py"])
 def test_first_loss_on_two_ranks_matches_one_rank(one_and_two_ranks, entrypoint):
     metrics = one_and_two_ranks(entrypoint)
@@ -122,7 +103,7 @@ def test_first_loss_on_two_ranks_matches_one_rank(one_and_two_ranks, entrypoint)
     assert abs(two - one) / one < 1e-4, (one, two)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("entrypoint", ["train_ddp.py", "train_fsdp2.py"])
 def test_every_parameter_gets_the_same_gradient_on_two_ranks(one_and_two_ranks, entrypoint):
     """Parameter by parameter, the first step's gradient norms on 2 ranks equal those of 1 rank with the same batch."""
@@ -138,7 +119,23 @@ def test_every_parameter_gets_the_same_gradient_on_two_ranks(one_and_two_ranks, 
             assert norm > 0 and two["grad_norms"][name] == pytest.approx(norm, rel=1e-4), name
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("entrypoint", ["train_ddp.py", "train_fsdp2.py"])
+def test_two_ranks_equal_one_rank_with_grad_acc_steps_2(one_and_two_ranks, entrypoint):
+    """The README's claim: N GPUs compute what 1 GPU computes with grad_acc_steps=N (same global batch)."""
+    runs = one_and_two_ranks(entrypoint)
+    two, acc = runs["grad_norms_2"]["grad_norms"], runs["grad_norms_acc"]["grad_norms"]
+    assert two.keys() == acc.keys()
+    for name, norm in acc.items():
+        assert two[name] == pytest.approx(norm, rel=1e-4, abs=1e-12), name
+    losses = [[m["train/loss"] for m in runs[key] if "train/loss" in m] for key in (2, "acc")]
+    assert len(losses[0]) == len(losses[1]) == 3
+    for two_ranks, accumulated in zip(*losses, strict=True):  # every step, not only the first
+        assert two_ranks == pytest.approx(accumulated, rel=1e-4)
+    assert losses[0][0] != losses[0][2]  # the runs trained: the loss moved
+
+
+@pytest.mark.e2e
 def test_ddp_and_fsdp2_start_from_the_same_loss(one_and_two_ranks):
     """Same seed, whole model built before wrapping: the strategies differ in memory and speed, not in results."""
     ddp, fsdp2 = (
@@ -153,7 +150,7 @@ def test_ddp_and_fsdp2_start_from_the_same_loss(one_and_two_ranks):
         assert fsdp2_norms[name] == pytest.approx(norm, rel=1e-5, abs=1e-12), name
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ddp_with_torch_compile_gives_the_same_first_loss(one_and_two_ranks, tmp_path):
     metrics_file = tmp_path / "metrics.jsonl"
     args = [
@@ -165,14 +162,14 @@ def test_ddp_with_torch_compile_gives_the_same_first_loss(one_and_two_ranks, tmp
         "++use_torch_compile=true",
         f"logger.metrics_file={metrics_file}",
     ]
-    result = launch(args, tmp_path)
+    result = launch(args, tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = read_metrics(metrics_file)[0]["train/loss"]
     eager = one_and_two_ranks("train_ddp.py")[1][0]["train/loss"]
     assert abs(compiled - eager) / eager < 1e-4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_slurm_launch_line_runs_two_nodes(tmp_path):
     """The per-node launch of slurm.sh, started twice as two "nodes" of one job, trains one 2-rank model."""
     port = free_port()
@@ -215,7 +212,7 @@ def test_slurm_launch_line_runs_two_nodes(tmp_path):
     assert [m["step"] for m in read_metrics(metrics_file)] == [1, 2, 3]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_slurm_passes_the_preemption_signal_to_the_training_ranks(tmp_path):
     """SIGUSR1 to a node's launcher reaches its training processes (which stop early), not torchrun."""
     metrics_file = tmp_path / "metrics.jsonl"
@@ -280,71 +277,13 @@ def test_slurm_job_runs_one_launcher_per_node_in_the_container(tmp_path):
     assert line.endswith(f"bash {RECIPE_DIR}/slurm.sh --node {' '.join(args)}")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_megatron_fsdp_on_cpu_fails_before_loading_data(tmp_path):
     result = launch(["train_mfsdp.py", "--config-name", "L0_sanity"], tmp_path)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert CUDA_MESSAGE in output
     assert "Model:" not in output and "Rank 0/1" not in output and "step 1" not in output  # nothing was set up
-
-
-def test_megatron_fsdp_refuses_torch_compile_and_bad_options():
-    cfg = compose("L0_sanity", ["++use_torch_compile=true", "++mfsdp.zero_dp_strategy=zero3", "++mfsdp.overlap=true"])
-    with pytest.raises(train_mfsdp.MegatronFSDPError) as error:
-        train_mfsdp.check_can_run(cfg)
-    message = str(error.value)
-    assert "use_torch_compile=true is not supported with Megatron-FSDP" in message
-    assert "mfsdp.zero_dp_strategy='zero3' must be one of" in message
-    assert "mfsdp.overlap: unknown key" in message
-    assert CUDA_MESSAGE in message  # this machine has no GPU: every reason is listed at once
-
-
-def test_megatron_fsdp_sees_the_model_output_as_a_tuple():
-    """Megatron-FSDP hooks the start of backward only on tensor/tuple/list outputs, not on a transformers dict."""
-    cfg = compose("L0_sanity")
-    model = build_model(cfg, load_model_config(cfg.model_tag), use_te=False, device="cpu")
-    input_ids = torch.tensor([[0, 5, 32, 9, 2]])
-    labels = torch.tensor([[-100, -100, 6, -100, -100]])
-    expected = model(input_ids=input_ids, labels=labels)
-    train_mfsdp.return_tuple_outputs(model)
-    output = model(input_ids=input_ids, labels=labels)
-    assert isinstance(output, tuple) and not isinstance(expected, tuple)
-    assert torch.equal(output.logits, expected.logits) and torch.equal(output.loss, expected.loss)
-    assert output.logits is output[1]
-    output.loss.backward()
-    assert model.lm_head.bias.grad.abs().sum() > 0
-
-
-def test_megatron_fsdp_meta_materialisation_gives_esm2_init():
-    """Megatron-FSDP's meta-device protocol, replayed on CPU: per owning module, to_empty then reset_parameters."""
-    cfg = compose("L0_sanity")
-    model = build_model(cfg, load_model_config(cfg.model_tag), use_te=False, device="meta")
-    with train_mfsdp.esm2_initialisation_on_materialisation(model, torch.device("cpu")):
-        owner = {}
-        for module in model.modules():
-            for param in module.parameters(recurse=False):
-                owner[param] = module  # the last module holding a shared weight, as Megatron-FSDP records it
-        for module in dict.fromkeys(owner.values()):
-            module.to_empty(device="cpu", recurse=False)
-            module.reset_parameters()
-
-    named = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
-    assert not [name for name, tensor in named.items() if tensor.is_meta]
-    assert model.lm_head.decoder.weight is model.esm.embeddings.word_embeddings.weight
-    assert not [m for m in model.modules() if "reset_parameters" in vars(m)]  # the hooks are gone again
-    std = model.config.initializer_range
-    for name, tensor in model.named_parameters():
-        if name.endswith("LayerNorm.weight") or name.endswith("layer_norm.weight") or "layer_norm_after.w" in name:
-            assert torch.all(tensor == 1), name
-        elif name.endswith("bias"):
-            assert torch.all(tensor == 0), name
-        elif tensor.dim() == 2 and tensor.numel() > 1000:
-            assert abs(tensor.std().item() - std) < 0.1 * std, name
-    assert torch.all(model.esm.embeddings.word_embeddings.weight[model.config.pad_token_id] == 0)
-    reference = type(model)(model.config)
-    for name, buffer in reference.named_buffers():
-        assert torch.equal(named[name], buffer), name
 
 
 def test_dockerfile_keeps_the_images_torch_and_transformer_engine():

@@ -1,42 +1,20 @@
-"""End-to-end runs of the training entrypoint on CPU (gloo)."""
+"""End-to-end runs of the training entrypoints on CPU (gloo): the loop, the schedule, data sharding, bad input."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import RECIPE_DIR, compose
+import torch
+from conftest import compose, launch, read_metrics
 
-from config_validation import ConfigError, validate_config
-from model import ModelConfigError, load_model_config, resolve_use_te
-
-pytestmark = pytest.mark.slow
-
-
-def run_entrypoint(args, tmp_path, timeout=600, torchrun_procs=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if torchrun_procs else "2"}
-    launcher = [sys.executable]
-    if torchrun_procs:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_procs}"]
-    return subprocess.run(
-        [*launcher, *args, f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=RECIPE_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from model import build_model, load_model_config
+from training import evaluate
 
 
-def read_metrics(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
+@pytest.mark.e2e
 def test_l0_sanity_trains_and_loss_falls(tmp_path):
     metrics_file = tmp_path / "metrics.jsonl"
-    result = run_entrypoint(
+    result = launch(
         ["train_fsdp2.py", "--config-name", "L0_sanity", "num_train_steps=30", f"logger.metrics_file={metrics_file}"],
         tmp_path,
     )
@@ -56,8 +34,9 @@ def test_l0_sanity_trains_and_loss_falls(tmp_path):
     assert last["train/lr"] == pytest.approx(1e-4)
 
 
+@pytest.mark.e2e
 def test_two_process_fsdp2_ranks_train_on_disjoint_samples(tmp_path):
-    result = run_entrypoint(
+    result = launch(
         [
             "tests/sample_log_probe.py",
             str(tmp_path),
@@ -67,7 +46,7 @@ def test_two_process_fsdp2_ranks_train_on_disjoint_samples(tmp_path):
             "dataset.max_seq_length=64",
         ],
         tmp_path,
-        torchrun_procs=2,
+        nproc=2,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -77,48 +56,36 @@ def test_two_process_fsdp2_ranks_train_on_disjoint_samples(tmp_path):
     assert len(set(rank0)) == 48
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("num_train_steps=0", "num_train_steps=0: must be a positive integer"),
-        ("dataset.micro_batch_size=-2", "dataset.micro_batch_size=-2: must be a positive integer"),
-        ("grad_acc_steps=0", "grad_acc_steps=0"),
-        ("dataset.max_seq_length=2048", "from 3 to the model's max_position_embeddings (1026)"),
-        ("optimizer.lr=0", "optimizer.lr=0: must be positive"),
-        ("use_te=maybe", "use_te='maybe'"),
-        ("fp32_residual_connection=yes", "fp32_residual_connection='yes': must be true or false"),
-    ],
-)
-def test_bad_values_are_reported_clearly(override, message):
-    cfg = compose("L0_sanity", [override])
-    with pytest.raises(ConfigError, match="Invalid configuration") as error:
-        validate_config(cfg, load_model_config(cfg.model_tag), use_te=False)
-    assert message in str(error.value)
-
-
-def test_all_problems_are_listed_at_once():
-    cfg = compose("L0_sanity", ["num_train_steps=-1", "dataset.micro_batch_size=0"])
-    with pytest.raises(ConfigError) as error:
-        validate_config(cfg, load_model_config(cfg.model_tag), use_te=False)
-    assert "num_train_steps" in str(error.value) and "micro_batch_size" in str(error.value)
-
-
-def test_unknown_model_config_lists_the_shipped_ones():
-    with pytest.raises(ModelConfigError, match=r"esm2_t99_1T.*esm2_t12_35M_UR50D.*esm2_t6_8M_UR50D"):
-        load_model_config("esm2_t99_1T")
-
-
-def test_use_te_true_without_gpu_is_refused_clearly():
-    with pytest.raises(ModelConfigError, match="use_te=true but no CUDA device is visible"):
-        resolve_use_te("true")
-    assert resolve_use_te("false") == (False, "reference transformers EsmForMaskedLM (use_te=false)")
-
-
+@pytest.mark.e2e
 def test_bad_input_stops_the_entrypoint_before_training(tmp_path):
-    result = run_entrypoint(
+    result = launch(
         ["train_fsdp2.py", "--config-name", "L0_sanity", "dataset.path=/nonexistent/uniref50.parquet"], tmp_path
     )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "dataset.path='/nonexistent/uniref50.parquet' does not exist" in output
     assert "step 1" not in output and "train:" not in output
+
+
+def test_validation_loss_is_the_mean_over_every_masked_token(tokenizer):
+    """Two batches with different numbers of masked tokens: the loss weighs tokens, not batches."""
+    cfg = compose("L0_sanity")
+    model = build_model(cfg, load_model_config(cfg.model_tag), use_te=False, attn_input_format="bshd", device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for masked in (1, 7):
+        input_ids = torch.randint(4, 24, (2, 12), generator=generator)
+        labels = torch.full_like(input_ids, -100)
+        labels[0, :masked] = input_ids[0, :masked]
+        batches.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels})
+    metrics = evaluate(model, batches, torch.device("cpu"), max_batches=10)
+    with torch.no_grad():
+        logits = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+    losses = torch.cat([torch.nn.functional.cross_entropy(lg[b["labels"] != -100], b["labels"][b["labels"] != -100],
+                        reduction="none") for lg, b in zip(logits, batches, strict=True)])  # fmt: skip
+    assert losses.numel() == 8
+    assert metrics["val/loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
+    assert evaluate(model, batches, torch.device("cpu"), max_batches=1)["val/loss"] == pytest.approx(
+        losses[:1].mean().item(), rel=1e-5
+    )

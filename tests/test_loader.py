@@ -1,4 +1,4 @@
-"""Sequence packing (THD) and precision-derived padding: property tests over random length distributions."""
+"""Samplers, token-budget packing and the epoch loader: property tests over random length distributions, resumes."""
 
 import itertools
 
@@ -6,17 +6,22 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, read_fasta_sequences
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from collator import IGNORE_INDEX, MLMMasker, PackedBatchSampler, PackedStream, THDCollator, pack_by_token_budget
-from config_validation import ConfigError, validate_config
-from dataset import DataConfigError, build_collator, build_dataloaders, token_budget
+from collator import BatchLayout, MLMMasker, THDCollator
+from dataset import DataConfigError
 from distributed import DistributedContext
-from model import load_model_config
-from precision import FP8_RECIPES, PrecisionConfigError, check_gpu_supports, precision_problems, token_multiple
+from loader import (
+    EpochLoader,
+    GlobalShuffleSampler,
+    PackedBatchSampler,
+    PackedStream,
+    build_dataloaders,
+    pack_by_token_budget,
+)
 
 lengths_strategy = st.lists(st.integers(min_value=3, max_value=300), min_size=1, max_size=120)
 
@@ -66,48 +71,6 @@ def test_packed_sampler_resumes_on_another_world_size_without_repeats_or_gaps(le
     after = run(new_world, steps * old_world)
     seen = [i for packs in before + after for pack in packs for i in pack]
     assert sorted(seen) == list(range(len(lengths)))
-
-
-@pytest.mark.parametrize("recipe", [None, *FP8_RECIPES])
-@settings(max_examples=15, deadline=None)
-@given(lengths=st.lists(st.integers(3, 200), min_size=0, max_size=20))
-def test_thd_collator_layout_and_padding(tokenizer, recipe, lengths):
-    overrides = [] if recipe is None else ["fp8_config.enabled=true", f"fp8_config.recipe={recipe}"]
-    multiple = token_multiple(compose("L0_sanity", overrides))
-    assert multiple == (8 if recipe is None else max(16, FP8_RECIPES[recipe].token_multiple))
-    collator = THDCollator(make_masker(tokenizer, max_seq_length=256), tokenizer.pad_token_id, multiple)
-    samples = [{"input_ids": fake_tokens(n, i)} for i, n in enumerate(lengths)]
-    batch = collator(samples)
-    ids, labels, cu = batch["input_ids"][0], batch["labels"][0], batch["cu_seqlens"]
-    total = sum(lengths)
-    assert ids.shape == labels.shape and ids.numel() % multiple == 0
-    assert ids.numel() - total < multiple or (total == 0 and ids.numel() == multiple)  # an empty pack: padding only
-    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == ids.numel()
-    seqlens = torch.diff(cu).tolist()
-    assert seqlens[: len(lengths)] == lengths
-    assert batch["max_seqlen"] == max(seqlens)
-    for index, (start, n) in enumerate(zip(cu.tolist(), lengths, strict=False)):
-        original = torch.tensor(samples[index]["input_ids"])
-        restored = torch.where(
-            labels[start : start + n] != IGNORE_INDEX, labels[start : start + n], ids[start : start + n]
-        )
-        torch.testing.assert_close(restored, original)
-    padding = slice(total, None)
-    assert (ids[padding] == tokenizer.pad_token_id).all() and (labels[padding] == IGNORE_INDEX).all()
-    if total % multiple:
-        assert len(seqlens) == len(lengths) + 1  # the padding is its own segment
-
-
-def test_packed_and_padded_batches_carry_the_same_tokens_and_labels(tokenizer):
-    cfg_thd = compose("L0_sanity", ["use_sequence_packing=true", "dataset.max_seq_length=128"])
-    cfg_bshd = compose("L0_sanity", ["dataset.max_seq_length=128"])
-    samples = [{"input_ids": fake_tokens(n, i)} for i, n in enumerate([50, 128, 300, 7])]
-    thd = build_collator(cfg_thd, tokenizer, seed=3)(samples)
-    bshd = build_collator(cfg_bshd, tokenizer, seed=3)(samples)
-    real = bshd["attention_mask"].bool()
-    n = int(real.sum())
-    torch.testing.assert_close(thd["input_ids"][0, :n], bshd["input_ids"][real])
-    torch.testing.assert_close(thd["labels"][0, :n], bshd["labels"][real])
 
 
 @settings(max_examples=20, deadline=None)
@@ -174,13 +137,13 @@ def test_packed_training_stream_resumes_mid_epoch(tokenizer):
             "token_micro_batch_size=1024",
         ],
     )
-    stream, _ = build_dataloaders(cfg, CPU, tokenizer)
+    stream, _ = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
     batches = iter(stream)
     head = [next(batches) for _ in range(5)]
     state = stream.state_dict()
     tail = [next(batches) for _ in range(5)]
     assert all(b["input_ids"].shape[1] <= 1024 and b["input_ids"].shape[1] % 8 == 0 for b in head + tail)
-    fresh, _ = build_dataloaders(cfg, CPU, tokenizer)
+    fresh, _ = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
     fresh.load_state_dict(state)
     resumed = iter(fresh)
     for expected in tail:
@@ -192,51 +155,68 @@ def test_packed_training_stream_resumes_mid_epoch(tokenizer):
 def test_padding_fraction_of_packed_batches_is_small(tokenizer):
     """On the real sample proteome (median ~280 residues), packs of 8k tokens waste well under 1%."""
     cfg = compose("L0_sanity", ["use_sequence_packing=true", "dataset.max_seq_length=1024", "dataset.num_workers=0"])
-    stream, _ = build_dataloaders(cfg, CPU, tokenizer)
+    stream, _ = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
     batches = iter(stream)
     real = padded = 0
     for _ in range(60):
         batch = next(batches)
         real += int((batch["input_ids"] != tokenizer.pad_token_id).sum())
         padded += batch["input_ids"].numel()
-    budget = token_budget(cfg)
+    budget = BatchLayout.from_config(cfg).token_budget
     assert budget == 8 * 1024
     assert 1 - real / padded < 0.01  # padding to the precision multiple
     assert real / (60 * budget) > 0.95  # and the budget itself is well used
 
 
-def test_budget_smaller_than_a_sequence_is_refused():
-    cfg = compose("L0_sanity", ["use_sequence_packing=true", "token_micro_batch_size=100"])
-    with pytest.raises(DataConfigError, match=r"cannot hold one sequence of dataset\.max_seq_length=256"):
-        token_budget(cfg)
-    with pytest.raises(ConfigError, match="token_micro_batch_size=100: must be a token count of at least"):
-        validate_config(cfg, load_model_config(cfg.model_tag), use_te=True)
+def test_global_shuffle_sampler_shards_disjointly_and_resumes_on_any_world_size():
+    n = 103
+    shards = [list(GlobalShuffleSampler(n, rank, 4, seed=3)) for rank in range(4)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == 25
+    flat = [i for shard in shards for i in shard]
+    assert len(set(flat)) == len(flat) == 100
+    # an uninterrupted epoch on 1 rank, versus 24 samples on 2 ranks then the rest on 3 ranks
+    order = GlobalShuffleSampler(n, 0, 1, seed=3).permutation().tolist()
+    first = [list(GlobalShuffleSampler(n, r, 2, seed=3))[:12] for r in range(2)]
+    resumed = []
+    for r in range(3):
+        sampler = GlobalShuffleSampler(n, r, 3, seed=3)
+        sampler.set_epoch(0, start=24)
+        resumed.append(list(sampler))
+    seen = [i for s in first for i in s] + [i for s in resumed for i in s]
+    assert len(seen) == len(set(seen)) == 24 + 3 * 26
+    assert set(seen) == set(order[: 24 + 3 * 26])
+    # a new epoch is a new permutation
+    sampler = GlobalShuffleSampler(n, 0, 1, seed=3)
+    sampler.set_epoch(1)
+    assert sampler.permutation().tolist() != order
 
 
-def test_budget_is_rounded_to_the_recipe_multiple():
+def test_training_stream_reshuffles_each_epoch_and_resumes_mid_epoch(tokenizer, tmp_path):
+    fasta = tmp_path / "small.fasta"
+    fasta.write_text("".join(f">s{i}\n{seq}\n" for i, seq in enumerate(read_fasta_sequences(40))))
     cfg = compose(
         "L0_sanity",
-        ["precision=fp8_block_thd", "token_micro_batch_size=1000", "dataset.max_seq_length=512"],
+        [f"dataset.path={fasta}", "dataset.validation_size=0", "dataset.micro_batch_size=4", "dataset.num_workers=1"],
     )
-    assert token_budget(cfg) == 896  # multiple of 128
+    stream, validation = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
+    assert validation is None
+    batches = iter(stream)
+    epoch0 = [next(batches)["labels"] for _ in range(10)]
+    assert stream.epoch == 0
+    middle = stream.state_dict()
+    epoch1 = [next(batches)["labels"] for _ in range(10)]
+    assert stream.epoch == 1
+    assert middle == {"epoch": 0, "world_size": 1, "consumed": 40}
+
+    fresh, _ = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
+    fresh.load_state_dict({"epoch": 1, "world_size": 1, "consumed": 20})
+    resumed = iter(fresh)
+    for expected in epoch1[5:]:
+        torch.testing.assert_close(next(resumed)["labels"], expected)
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
 
 
-def test_unknown_recipe_and_reference_model_packing_are_refused():
-    cfg = compose(
-        "L0_sanity", ["fp8_config.enabled=true", "fp8_config.recipe=Float4Magic", "use_sequence_packing=true"]
-    )
-    problems = precision_problems(cfg, use_te=False)
-    assert any("use_sequence_packing=true needs the TransformerEngine model" in p and "use_te" in p for p in problems)
-    assert any("fp8_config.recipe='Float4Magic' is not one of" in p for p in problems)
-    with pytest.raises(ConfigError, match="Float4Magic"):
-        validate_config(cfg, load_model_config(cfg.model_tag), use_te=True)
-
-
-def test_mxfp8_on_hopper_is_refused_with_the_compute_capability(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    with pytest.raises(
-        PrecisionConfigError, match=r"Blackwell.*10\.0 or newer.*H100 80GB HBM3 has compute capability 9\.0"
-    ):
-        check_gpu_supports("MXFP8BlockScaling", torch.device("cuda", 0))
-    check_gpu_supports("Float8BlockScaling", torch.device("cuda", 0))  # Hopper runs block scaling
+def test_epoch_loader_refuses_streaming_resume_on_another_world_size():
+    stream = EpochLoader(loader=None, collator=None, world_size=2)
+    with pytest.raises(DataConfigError, match="same number of ranks"):
+        stream.load_state_dict({"epoch": 0, "world_size": 4, "loader": {}})

@@ -1,4 +1,4 @@
-"""Gradient clipping over Megatron-FSDP's uneven gradient shards, on two CPU processes (gloo)."""
+"""Norms and clipping across strategies: replicated gradients, and Megatron-FSDP's uneven shards on two CPU ranks."""
 
 import os
 
@@ -25,7 +25,7 @@ ROWS = {0: {"weight": slice(0, 3), "bias": slice(0, 2)}, 1: {"weight": slice(3, 
 def _worker(rank: int, port: int, max_norm: float, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from train_mfsdp import clip_sharded_grad_norm
+    from parallel import clip_grad_norm_
 
     mesh = init_device_mesh("cpu", (2,))
     model = nn.Module()
@@ -39,7 +39,7 @@ def _worker(rank: int, port: int, max_norm: float, results: dict) -> None:
             shape, stride = FULL[name].shape, FULL[name].stride()
             param.grad = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
     model.scale.grad = DTensor.from_local(FULL["scale"].clone(), mesh, [Replicate()], run_check=False)
-    norm = clip_sharded_grad_norm(model, max_norm)
+    norm = clip_grad_norm_(model, max_norm)
     shards = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None}
     results[rank] = (float(norm), shards)
     dist.destroy_process_group()
@@ -60,3 +60,20 @@ def test_clipping_uses_the_global_norm_of_uneven_shards(max_norm):
             else:
                 torch.testing.assert_close(shards[name], FULL[name][rows] * factor)
         torch.testing.assert_close(shards["scale"], FULL["scale"] * factor)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clipping_replicated_gradients_matches_torch(max_norm):
+    from parallel import clip_grad_norm_
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    inputs = torch.randn(7, 5)
+    for model in models:
+        model(inputs).square().sum().backward()
+    ours = clip_grad_norm_(models[0], max_norm)
+    theirs = torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    for mine, reference in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-6, atol=0)

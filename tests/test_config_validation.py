@@ -1,0 +1,110 @@
+"""The start-up gate: every unusable value named with its fix, all at once, before any data or model is built."""
+
+import pytest
+from conftest import compose
+
+import train_ddp
+import train_fsdp2
+import train_mfsdp
+from config_validation import ConfigError, validate_config
+from model import load_model_config
+
+
+def validate(cfg, use_te=False, strategy=train_fsdp2.STRATEGY):
+    validate_config(cfg, load_model_config(cfg.model_tag), use_te, strategy)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("num_train_steps=0", "num_train_steps=0: must be a positive integer"),
+        ("dataset.micro_batch_size=-2", "dataset.micro_batch_size=-2: must be a positive integer"),
+        ("grad_acc_steps=0", "grad_acc_steps=0"),
+        ("dataset.max_seq_length=2048", "from 3 to the model's max_position_embeddings (1026)"),
+        ("optimizer.lr=0", "optimizer.lr=0: must be positive"),
+        ("use_te=maybe", "use_te='maybe'"),
+        ("fp32_residual_connection=yes", "fp32_residual_connection='yes': must be true or false"),
+    ],
+)
+def test_bad_values_are_reported_clearly(override, message):
+    cfg = compose("L0_sanity", [override])
+    with pytest.raises(ConfigError, match="Invalid configuration") as error:
+        validate(cfg)
+    assert message in str(error.value)
+
+
+def test_all_problems_are_listed_at_once():
+    cfg = compose("L0_sanity", ["num_train_steps=-1", "dataset.micro_batch_size=0"])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert "num_train_steps" in str(error.value) and "micro_batch_size" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("checkpoint.max_checkpoints=0", "checkpoint.max_checkpoints=0: must be a positive integer, or null"),
+        ("checkpoint.async_save=1", "checkpoint.async_save=1: must be true or false"),
+        ("checkpoint.save_every_n_steps=-5", "checkpoint.save_every_n_steps=-5: must be a non-negative integer"),
+        ("fsdp.reshard_after_forward=sometimes", "fsdp.reshard_after_forward='sometimes': must be true or false"),
+        ("dataset.num_workers=-1", "dataset.num_workers=-1: must be a non-negative integer"),
+        ("dataset.streaming=yes", "dataset.streaming='yes': must be true or false"),
+        ("+dataset.micro_batchsize=4", "dataset.micro_batchsize: unknown key (known: "),
+        ("+checkpoint.every=5", "checkpoint.every: unknown key"),
+        ("fp8_layers=[0,3]", "fp8_layers=[0, 3]: must list distinct 1-based layer numbers from 1 to 6"),
+        ("fp8_layers=[2,2]", "fp8_layers=[2, 2]: must list distinct"),
+    ],
+)
+def test_every_section_is_checked(override, message):
+    with pytest.raises(ConfigError) as error:
+        validate(compose("L0_sanity", [override]))
+    assert message in str(error.value)
+
+
+def test_l1_configs_require_the_data_path():
+    cfg = compose("L1_650M")
+    with pytest.raises(ConfigError, match=r"needs dataset\.path \(`\?\?\?` in the config\).*dataset\.path=\.\.\."):
+        validate(cfg)
+    validate(compose("L1_650M", ["dataset.path=data/sample/938293.PRJEB85.HG003687.faa"]))  # then it passes
+
+
+def test_megatron_fsdp_refuses_torch_compile_and_bad_options():
+    cfg = compose("L0_sanity", ["use_torch_compile=true", "mfsdp.zero_dp_strategy=zero3", "+mfsdp.overlap=true"])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, strategy=train_mfsdp.STRATEGY)
+    message = str(error.value)
+    assert "use_torch_compile=true is not supported by train_mfsdp.py" in message
+    assert "mfsdp.zero_dp_strategy='zero3': must be one of" in message
+    assert "mfsdp.overlap: unknown key" in message
+    assert "train_mfsdp.py needs CUDA GPUs; use train_fsdp2.py or train_ddp.py on CPU." in message  # no GPU here
+    validate(compose("L0_sanity", ["use_torch_compile=true"]), strategy=train_ddp.STRATEGY)  # DDP compiles
+
+
+def test_settings_a_strategy_ignores_are_named_once(caplog):
+    from config_validation import log_inert_keys
+
+    with caplog.at_level("WARNING"):
+        log_inert_keys(compose("L0_sanity"), train_ddp.STRATEGY)  # defaults: nothing to say
+        assert not caplog.records
+        log_inert_keys(
+            compose("L0_sanity", ["use_meta_device=false", "mfsdp.zero_dp_strategy=optim"]), train_ddp.STRATEGY
+        )
+    (record,) = caplog.records
+    assert record.getMessage() == "These settings have no effect with train_ddp.py: use_meta_device, mfsdp.*."
+
+
+def test_a_budget_smaller_than_a_sequence_is_refused():
+    cfg = compose("L0_sanity", ["use_sequence_packing=true", "token_micro_batch_size=100"])
+    with pytest.raises(ConfigError, match="token_micro_batch_size=100: must be a token count of at least"):
+        validate(cfg, use_te=True)
+
+
+def test_unknown_recipe_and_reference_model_packing_are_refused():
+    cfg = compose(
+        "L0_sanity", ["fp8_config.enabled=true", "fp8_config.recipe=Float4Magic", "use_sequence_packing=true"]
+    )
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, use_te=False)
+    message = str(error.value)
+    assert "use_sequence_packing=true needs the TransformerEngine model" in message and "use_te" in message
+    assert "fp8_config.recipe='Float4Magic' is not one of" in message
