@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 import uuid
@@ -32,7 +33,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from distributed import DistributedContext
 from precision import round_up
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # transformers' model classes take a second to import: only where they are used
     from transformers import EsmConfig
@@ -572,3 +576,20 @@ def export_hf_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def export_final_model(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Any,
+    ckpt_dir: Path,
+    tokenizer_dir: str | Path,
+    context: DistributedContext,
+) -> Path:
+    """The end of training: rank 0 writes ``<ckpt_dir>/final_model`` (see `export_hf_model`), the others wait."""
+    out_dir = ckpt_dir / "final_model"
+    if context.is_main:
+        source = source_format_of(config)
+        export_hf_model(state_dict, config, out_dir, tokenizer_dir, source_format=source, overwrite=True)
+        logger.info("Exported the final model to %s (load with AutoModelForMaskedLM.from_pretrained).", out_dir)
+    context.barrier()
+    return out_dir

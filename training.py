@@ -31,7 +31,7 @@ from checkpoint import (
 )
 from collator import IGNORE_INDEX, BatchLayout
 from config_validation import log_inert_keys, validate_config
-from convert import export_hf_model, source_format_of
+from convert import export_final_model
 from dataset import resolve_path
 from distributed import DistributedContext, all_reduce_sum, destroy_distributed, init_distributed
 from loader import EpochLoader, build_dataloaders
@@ -286,19 +286,6 @@ def train_loop(
     return TrainResult(step=step, completed=step >= cfg.num_train_steps, metrics=perf.last_metrics)
 
 
-def export_final_model(run: Run, model: nn.Module, strategy: Strategy) -> Path:
-    """Write `<ckpt_dir>/final_model`: transformers ESM weights (safetensors), config and tokenizer."""
-    state = strategy.state_dict.full_model_state_dict(model)  # a collective: every rank takes part
-    out_dir = Path(run.cfg.checkpoint.ckpt_dir) / "final_model"
-    if run.context.is_main:
-        config = unwrap(model).config
-        tokenizer_dir = resolve_path(run.cfg.tokenizer)
-        export_hf_model(state, config, out_dir, tokenizer_dir, source_format=source_format_of(config), overwrite=True)
-        logger.info("Exported the final model to %s (load with AutoModelForMaskedLM.from_pretrained).", out_dir)
-    run.context.barrier()
-    return out_dir
-
-
 def run(cfg: DictConfig, strategy: Strategy) -> TrainResult:
     """An entrypoint's whole job: set up, wrap, resume, train, checkpoint, export, leave the process group."""
     setup = setup_run(cfg, strategy)
@@ -318,7 +305,11 @@ def run(cfg: DictConfig, strategy: Strategy) -> TrainResult:
     result = train_loop(setup, model, optimizer, scheduler, strategy, start_step=start_step, after_step=after_step)
     checkpointer.finish(result.step, completed=result.completed)
     if result.completed and cfg.checkpoint.ckpt_dir and cfg.checkpoint.save_final_model:
-        export_final_model(setup, model, strategy)
+        full_state = strategy.state_dict.full_model_state_dict(model)  # a collective: every rank takes part
+        tokenizer_dir = resolve_path(cfg.tokenizer)
+        export_final_model(
+            full_state, unwrap(model).config, Path(cfg.checkpoint.ckpt_dir), tokenizer_dir, setup.context
+        )
     destroy_distributed()
     return result
 

@@ -59,7 +59,8 @@ def free_port() -> int:
 def launch(args, out_dir, nproc=1, env=None, timeout=600):
     """Run a recipe script as a user would: `python ARGS...`, or `torchrun --nproc_per_node=N ARGS...` for N > 1.
 
-    One thread per process, so several ranks share two cores fairly; Hydra's run folder goes under `out_dir`.
+    The two cores of a CI machine are split between the processes (torch threads); Hydra's run folder goes under
+    `out_dir`.
     """
     launcher = [sys.executable]
     if nproc > 1:
@@ -67,7 +68,7 @@ def launch(args, out_dir, nproc=1, env=None, timeout=600):
     return subprocess.run(
         [*launcher, *args, f"hydra.run.dir={out_dir / 'hydra'}"],
         cwd=RECIPE_DIR,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc)), "PYTHONUNBUFFERED": "1", **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -98,7 +98,6 @@ def test_benchmark_writes_table_json_and_chart_on_cpu(tmp_path):
             f"benchmark.output_dir={out}",
         ],
         tmp_path,
-        env={"OMP_NUM_THREADS": "2"},
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -136,7 +135,7 @@ def _run_benchmark(tmp_path, *overrides):
         ["benchmark.py", "--config-name", "benchmark", "benchmark.models=[esm2_t6_8M_UR50D]",
          "dataset.max_seq_length=256", "benchmark.token_budget=512", "dataset.num_workers=0",
          f"benchmark.output_dir={tmp_path / 'results'}", *overrides],
-        tmp_path, env={"OMP_NUM_THREADS": "2"}, timeout=300,
+        tmp_path, timeout=300,
     )  # fmt: skip
 
 
