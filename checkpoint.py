@@ -26,17 +26,19 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+import xxhash
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from convert import EXTRA_STATE_SUFFIX
-from distributed import DistributedContext, any_rank, broadcast_object
+from distributed import STOP_SIGNALS, DistributedContext, all_gather_object, any_rank
 from parallel import plain_name
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,36 @@ class Stateful(Protocol):
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message says what to do."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """The state to be saved holds NaN or infinite values: saving it would replace good checkpoints with poison."""
+
+
+def _local_tensors(state: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in a nested state dict; this rank's shard of a DTensor."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield from _local_tensors(value, f"{prefix}{key}.")
+    elif isinstance(state, list | tuple):
+        for index, value in enumerate(state):
+            yield from _local_tensors(value, f"{prefix}{index}.")
+    elif isinstance(state, torch.Tensor):
+        yield prefix.rstrip("."), state.to_local() if isinstance(state, DTensor) else state
+
+
+def _state_bytes(state: Any) -> int:
+    """Bytes of this rank's tensors of a state dict: what it writes to a checkpoint."""
+    return sum(t.numel() * t.element_size() for _, t in _local_tensors(state))
+
+
+def non_finite_entries(state: Any) -> list[str]:
+    """Names of the floating-point tensors of `state` that hold NaN or infinity (one host sync in all)."""
+    tensors = [(name, t) for name, t in _local_tensors(state) if t.is_floating_point() and t.numel() > 0]
+    if not tensors:
+        return []
+    finite = torch.stack([t.isfinite().all() for _, t in tensors]).cpu()
+    return [name for (name, _), ok in zip(tensors, finite.tolist(), strict=True) if not ok]
 
 
 class StateDictFlavour(Protocol):
@@ -163,9 +195,17 @@ def _restore_te_extra_states(model: nn.Module, states: dict[str, Any]) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """The generators' states as plain values and tensors, so the file loads with `torch.load(weights_only=True)`."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -173,10 +213,27 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (numpy_state["name"], keys, numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_small_file(path: Path) -> Any:
+    """Read a checkpoint's train_state.pt or rank file without running code from it (a copied folder may be hostile).
+
+    `weights_only=True` unpickles tensors and plain Python values only; anything else is refused with an error. The
+    one scoped exception is TransformerEngine's FP8 scaling state, an opaque pickle TE itself reads (see below).
+    """
+    # NumPy arrays (the RNG state of checkpoints written before it was stored as a tensor) rebuild without code.
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy 2 renamed it
+    numpy_types = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
+    with torch.serialization.safe_globals(numpy_types):
+        return torch.load(path, weights_only=True, map_location="cpu")
 
 
 class ModelAndOptimizer:
@@ -229,18 +286,17 @@ class CheckpointParts:
     data: Stateful
     fp8: Stateful
     rng: Stateful = field(default_factory=RNGState)
+    facts: dict[str, Any] = field(default_factory=dict)  # what the run is: compared with a checkpoint's on resume
 
 
 class Preemption:
     """SIGTERM or SIGUSR1 (a batch system's notice before a time limit) asks for a checkpoint and a clean stop."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
     def __init__(self) -> None:
         self.requested = False
 
     def install(self) -> Preemption:
-        for sig in self.SIGNALS:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._request)
         return self
 
@@ -268,8 +324,27 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def verify_manifest(path: Path) -> str | None:
-    """Why checkpoint `path` is unusable (missing manifest, missing or truncated file), or None if it is whole."""
+def file_digest(path: Path, chunk_bytes: int = 16 << 20) -> str:
+    """A fast 64-bit checksum (xxHash XXH3) of a file, streamed: catches bytes changed in place, not only truncation."""
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _share(items: list[str], rank: int, world_size: int) -> list[str]:
+    """The part of a list (the same on every rank) that `rank` works on: hashing is split between the ranks."""
+    return items[rank::world_size]
+
+
+def verify_manifest(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """Why checkpoint `path` is unusable (no manifest, a missing, truncated or changed file), or None if it is whole.
+
+    Sizes are checked for every file; checksums for this rank's share of the files (all of them on one rank), so
+    the ranks of a job verify a large checkpoint together. Checkpoints written before checksums were recorded are
+    checked by size only.
+    """
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         return "no manifest.json (written last, so the checkpoint was never completed)"
@@ -277,23 +352,27 @@ def verify_manifest(path: Path) -> str | None:
         manifest = json.loads(manifest_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return f"unreadable manifest.json ({exc})"
+    digests = manifest.get("xxh3_64", {})
     for relative, size in manifest["files"].items():
         file = path / relative
         if not file.is_file():
             return f"{relative} is missing"
         if file.stat().st_size != size:
             return f"{relative} has {file.stat().st_size} bytes, the manifest says {size}"
+    for relative in _share(sorted(digests), rank, world_size):
+        if file_digest(path / relative) != digests[relative]:
+            return f"{relative} does not match its checksum (changed or corrupted since it was written)"
     return None
 
 
-def _write_manifest(path: Path, step: int, world_size: int) -> int:
-    """Record every file and its size (written last, atomically); returns the checkpoint's total bytes."""
-    files = {
-        str(p.relative_to(path)): p.stat().st_size
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {"step": step, "world_size": world_size, "written": time.time(), "files": files}
+def _checkpoint_files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _write_manifest(path: Path, step: int, world_size: int, digests: dict[str, str]) -> int:
+    """Record every file, its size and checksum (written last, atomically); returns the checkpoint's total bytes."""
+    files = {relative: (path / relative).stat().st_size for relative in _checkpoint_files(path)}
+    manifest = {"step": step, "world_size": world_size, "written": time.time(), "files": files, "xxh3_64": digests}
     tmp = path / f"{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path / MANIFEST)
@@ -344,8 +423,9 @@ class Checkpointer:
     def after_step(self, step: int, signalled: bool) -> bool:
         """Save when due, when `signalled` (preemption) or at `exit_after_n_steps`; True when training must stop."""
         stopping = signalled or bool(self.exit_after and step - self._start_step >= self.exit_after)
-        if self.ckpt_dir is not None and (stopping or (self.save_every and step % self.save_every == 0)):
-            self.save(step, blocking=stopping)
+        due = self.ckpt_dir is not None and (stopping or (self.save_every and step % self.save_every == 0))
+        if due and not self.save(step, blocking=stopping) and stopping:
+            raise CheckpointError(f"Stopping at step {step}, but its checkpoint could not be saved (see above).")
         if stopping:
             reason = "a stop signal" if signalled else f"exit_after_n_steps={self.exit_after}"
             logger.warning("Stopping at step %d after %s; resume with the same command.", step, reason)
@@ -358,6 +438,7 @@ class Checkpointer:
         self._finish_pending()
         if self._last_saved_step == step:
             return True
+        self._refuse_non_finite(step)
         final_dir = self.ckpt_dir / step_dir_name(step)
         tmp_dir = self.ckpt_dir / f"{final_dir.name}.tmp"
         started = time.perf_counter()
@@ -379,8 +460,8 @@ class Checkpointer:
             self._abandon(tmp_dir, step, error)
             return False
         self._pending = _PendingSave(step, tmp_dir, final_dir, future, started)
-        if future is None or blocking:
-            self._finish_pending()
+        if (future is None or blocking) and not self._finish_pending():
+            return False
         logger.info(
             "Checkpoint of step %d %s in %.1f s.",
             step,
@@ -389,6 +470,19 @@ class Checkpointer:
         )
         self._last_saved_step = step
         return True
+
+    def _refuse_non_finite(self, step: int) -> None:
+        """Stop the run rather than save NaN or infinite weights or optimizer state (agreed on by every rank)."""
+        bad = non_finite_entries(self.parts.model_optim.state_dict())
+        if any_rank(bool(bad)):
+            previous = list_checkpoints(self.ckpt_dir)
+            kept = f"{previous[0][1].name} stays the newest checkpoint" if previous else "no checkpoint was written"
+            raise NonFiniteStateError(
+                f"Not saving the checkpoint of step {step}: the model or optimizer state holds NaN or infinite values"
+                f"{' (this rank: ' + ', '.join(bad[:5]) + (', ...' if len(bad) > 5 else '') + ')' if bad else ''}; "
+                f"{kept}. Training diverged: resume from that checkpoint with a lower optimizer.lr or a smaller "
+                "optimizer.max_grad_norm."
+            )
 
     def _write(self, step: int, tmp_dir: Path, use_async: bool) -> Any:
         """DCP first (its collectives raise on every rank if one rank fails), then the small per-rank files."""
@@ -407,6 +501,7 @@ class Checkpointer:
                 "scheduler": parts.scheduler.state_dict(),
                 "world_size": self.context.world_size,
                 "data": data_state,
+                "facts": parts.facts,
             }
             torch.save(train_state, tmp_dir / "train_state.pt")
         return future if use_async else None
@@ -415,36 +510,54 @@ class Checkpointer:
         return not any_rank(not ok)
 
     def _abandon(self, tmp_dir: Path, step: int, error: BaseException | None) -> None:
+        """Remove a failed save and say why; every rank calls it (the space estimate is a collective)."""
         if self.context.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         previous = list_checkpoints(self.ckpt_dir)
         kept = f"the previous checkpoint {previous[0][1].name} is intact" if previous else "no earlier checkpoint"
+        needed = sum(all_gather_object(_state_bytes(self.parts.model_optim.state_dict())))
+        free = shutil.disk_usage(self.ckpt_dir).free
+        disk_full = free < needed or "no space left" in str(error).lower() or getattr(error, "errno", None) == 28
+        cause = (
+            f"no space left on device: the checkpoint needs about {needed / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB are free in {self.ckpt_dir}"
+            if disk_full
+            else f"{'this rank' if error is not None else 'another rank'}: {error}"
+        )
         logger.error(
-            "Saving the checkpoint of step %d failed on %s (%s); %s. Training continues; free space or fix the "
-            "storage before the next save.",
+            "Saving the checkpoint of step %d failed (%s); %s. Free space or fix the storage before the next save.",
             step,
-            "this rank" if error is not None else "another rank",
-            error,
+            cause,
             kept,
         )
 
-    def _finish_pending(self) -> None:
-        """Wait for an in-flight save, then publish it on every rank's word (rename + manifest) and prune."""
+    def _finish_pending(self) -> bool:
+        """Wait for an in-flight save, then publish it on every rank's word (checksums, manifest, rename) and prune.
+
+        Returns False when it failed (the previous checkpoints are intact); True when published or nothing pending.
+        """
         pending, self._pending = self._pending, None
         if pending is None:
-            return
-        error = None
+            return True
+        error, digests = None, {}
         try:
             if pending.future is not None:
                 completion = getattr(pending.future, "upload_completion", pending.future)
                 completion.result()
+            files = _checkpoint_files(pending.tmp_dir)  # every rank sees the same folder: each hashes its share
+            hashing = time.perf_counter()
+            mine = _share(files, self.context.rank, self.context.world_size)
+            digests = {f: file_digest(pending.tmp_dir / f) for f in mine}
+            hashed = sum((pending.tmp_dir / f).stat().st_size for f in mine)
+            logger.info("Checksums of %.2f GiB in %.1f s.", hashed / 2**30, time.perf_counter() - hashing)
         except checkpoint_errors() as exc:
             error = exc
         if not self._all_ranks_ok(error is None):
             self._abandon(pending.tmp_dir, pending.step, error)
-            return
+            return False
+        digests = {name: digest for part in all_gather_object(digests) for name, digest in part.items()}
         if self.context.is_main:
-            size = _write_manifest(pending.tmp_dir, pending.step, self.context.world_size)
+            size = _write_manifest(pending.tmp_dir, pending.step, self.context.world_size, digests)
             if pending.final_dir.exists():  # a re-save of the same step (e.g. after resuming): replace it
                 shutil.rmtree(pending.final_dir)
             os.replace(pending.tmp_dir, pending.final_dir)
@@ -456,6 +569,7 @@ class Checkpointer:
             )
             self._prune()
         self.context.barrier()
+        return True
 
     def _prune(self) -> None:
         if not self.max_checkpoints:
@@ -491,8 +605,9 @@ class Checkpointer:
             candidates = list_checkpoints(self.ckpt_dir)
         failures: list[str] = []
         for step, path in candidates:
-            problem = verify_manifest(path) if self.context.is_main else None
-            problem = broadcast_object(problem)
+            # Every rank checksums its share of the files; the first problem any rank found counts for all.
+            found = all_gather_object(verify_manifest(path, self.context.rank, self.context.world_size))
+            problem = next((p for p in found if p is not None), None)
             if problem is None:
                 started = time.perf_counter()
                 try:
@@ -520,10 +635,11 @@ class Checkpointer:
 
     def _load(self, path: Path) -> None:
         """Read the small files first, so that most failures happen before any model or optimizer state changes."""
-        train_state = torch.load(path / "train_state.pt", weights_only=False)
+        train_state = load_small_file(path / "train_state.pt")
+        self._compare_facts(train_state)
         rank_file = path / f"rank_{self.context.rank:05d}.pt"
         same_world = train_state["world_size"] == self.context.world_size
-        per_rank = torch.load(rank_file if rank_file.is_file() else path / "rank_00000.pt", weights_only=False)
+        per_rank = load_small_file(rank_file if rank_file.is_file() else path / "rank_00000.pt")
         parts = self.parts
         state = parts.model_optim.state_dict()
         import torch.distributed.checkpoint as dcp
@@ -536,11 +652,36 @@ class Checkpointer:
             parts.rng.load_state_dict(per_rank["rng"])
         parts.data.load_state_dict(per_rank["data"] if same_world else train_state["data"])
 
+    def _compare_facts(self, train_state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model in one line; say what else differs (ranks, workers) and goes on."""
+        saved, now = train_state.get("facts", {}), self.parts.facts
+        if "parameters" in saved and saved["parameters"] != now.get("parameters"):
+            raise CheckpointError(
+                f"checkpoint is of a {saved.get('model', '?')} model ({saved['parameters']:,} parameters), config asks "
+                f"for {now.get('model', '?')} ({now.get('parameters', 0):,} parameters)"
+            )
+        if train_state["world_size"] != self.context.world_size:
+            logger.info(
+                "The checkpoint was saved on %d ranks, this run has %d: model and optimizer state are resharded, "
+                "map-style data continues at the same global position, RNG states start afresh.",
+                train_state["world_size"],
+                self.context.world_size,
+            )
+        if "num_workers" in saved and saved["num_workers"] != now.get("num_workers"):
+            logger.info(
+                "The checkpoint was saved with dataset.num_workers=%s, this run has %s: map-style data resumes as is, "
+                "streaming data needs the same number.",
+                saved["num_workers"],
+                now.get("num_workers"),
+            )
+
     # --- end of training ---------------------------------------------------------------------------------------
     def finish(self, step: int, completed: bool) -> None:
         """Publish any in-flight save; at the end of training, save the last step."""
         if self.ckpt_dir is None:
             return
-        if completed and self._last_saved_step != step:
-            self.save(step, blocking=True)
-        self._finish_pending()
+        saved = self.save(step, blocking=True) if completed and self._last_saved_step != step else True
+        if not (self._finish_pending() and saved):
+            raise CheckpointError(
+                f"The checkpoint of step {step} could not be saved (see above): this run's last steps are not on disk."
+            )

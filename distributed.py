@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,20 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+# What a batch system sends before it ends a job (SLURM: SIGUSR1 ahead of the time limit if asked, SIGTERM at it;
+# Kubernetes: SIGTERM). torchrun forwards SIGTERM to every rank; `scancel` and time limits signal every process.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """For helper processes (DataLoader workers): leave shutdown to the main process, which stops them itself.
+
+    A signal to the whole process group would otherwise kill the workers while the main process is still saving
+    its checkpoint, and the DataLoader's worker watchdog would then abort the save.
+    """
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,15 @@ def any_rank(flag: bool) -> bool:
     if is_distributed():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:

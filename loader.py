@@ -7,7 +7,9 @@ Streaming data is packed on the fly (`PackedStream`) and resumes through `Statef
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from collator import BatchLayout, build_collator
 from dataset import DataConfigError, load_sequence_splits, sequence_lengths, shard_streaming
-from distributed import DistributedContext, main_process_first
+from distributed import DistributedContext, ignore_stop_signals, main_process_first
 
 
 def pack_by_token_budget(items: Iterable[tuple[Any, int]], token_budget: int) -> Iterator[list[Any]]:
@@ -235,6 +237,30 @@ class EpochLoader:
             self._pending_loader_state = state["loader"]
 
 
+_LOADERS: weakref.WeakSet[StatefulDataLoader] = weakref.WeakSet()
+
+
+def shutdown_workers() -> None:
+    """Stop the worker processes of every loader built here (they ignore stop signals: see `ignore_stop_signals`).
+
+    The workers leave on the loader's own shutdown message. Python's exit would otherwise send them SIGTERM and wait
+    for them forever, so this also runs at exit (registered after multiprocessing's handler, so it runs first).
+    """
+    for loader in list(_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+atexit.register(shutdown_workers)
+
+
+def _stateful_loader(*args: Any, **kwargs: Any) -> StatefulDataLoader:
+    loader = StatefulDataLoader(*args, **kwargs)
+    _LOADERS.add(loader)
+    return loader
+
+
 def _loader_kwargs(data_cfg: Any, context: DistributedContext) -> dict[str, Any]:
     workers = int(data_cfg.num_workers)
     return {
@@ -242,6 +268,7 @@ def _loader_kwargs(data_cfg: Any, context: DistributedContext) -> dict[str, Any]
         "pin_memory": context.uses_cuda,
         "prefetch_factor": int(data_cfg.prefetch_factor) if workers > 0 else None,
         "persistent_workers": False,  # workers must be re-forked each epoch to pick up the epoch's masking seed
+        "worker_init_fn": ignore_stop_signals if workers > 0 else None,
     }
 
 
@@ -260,10 +287,10 @@ def _map_style_loader(
             cfg.seed,
             shuffle=shuffle,
         )
-        return StatefulDataLoader(ds, batch_sampler=sampler, collate_fn=collator, **kwargs), sampler, 1
+        return _stateful_loader(ds, batch_sampler=sampler, collate_fn=collator, **kwargs), sampler, 1
     sampler = GlobalShuffleSampler(len(ds), context.rank, context.world_size, cfg.seed, shuffle=shuffle)
     batch_size = int(cfg.dataset.micro_batch_size)
-    loader = StatefulDataLoader(
+    loader = _stateful_loader(
         ds, batch_size=batch_size, sampler=sampler, drop_last=shuffle, collate_fn=collator, **kwargs
     )
     return loader, sampler, batch_size
@@ -278,9 +305,9 @@ def _streaming_stream(
     kwargs = _loader_kwargs(data_cfg, context)
     if layout.packed:
         source = PackedStream(source, layout.token_budget, layout.max_seq_length)
-        loader = StatefulDataLoader(source, batch_size=None, collate_fn=collator, **kwargs)
+        loader = _stateful_loader(source, batch_size=None, collate_fn=collator, **kwargs)
     else:
-        loader = StatefulDataLoader(source, batch_size=int(data_cfg.micro_batch_size), collate_fn=collator, **kwargs)
+        loader = _stateful_loader(source, batch_size=int(data_cfg.micro_batch_size), collate_fn=collator, **kwargs)
     return EpochLoader(loader, collator, context.world_size, streaming_dataset=source)
 
 

@@ -28,6 +28,10 @@ def peak_memory_gib(device: torch.device) -> float:
     return kib / 2**20
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or gradient norm became NaN or infinite: training diverged, and going on would only spread it."""
+
+
 class PerfLogger:
     """Collects per-step training metrics and reports window averages every `log_every_n_steps` steps."""
 
@@ -62,6 +66,7 @@ class PerfLogger:
         self._window_start = now
         self._steps = 0
         self._loss_sum: torch.Tensor | None = None
+        self._non_finite: torch.Tensor | None = None  # on-device count of steps whose loss or grad norm was not finite
         self._tokens = 0
         self._padded_tokens = 0
 
@@ -71,6 +76,8 @@ class PerfLogger:
         """Record one optimizer step (loss and grad norm as device tensors); returns the metrics at log steps."""
         loss = loss.detach()
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm.detach())).float()  # device ops: no host sync
+        self._non_finite = bad if self._non_finite is None else self._non_finite + bad
         self._steps += 1
         self._tokens += tokens
         self._padded_tokens += padded_tokens
@@ -78,7 +85,15 @@ class PerfLogger:
         if step % self.log_every != 0 and step != self.total_steps:
             return None
 
-        mean_loss = reduce_mean(self._loss_sum / self._steps).item()  # the one host-device sync of the window
+        window = reduce_mean(torch.stack([self._loss_sum / self._steps, self._non_finite]).float())
+        mean_loss, non_finite = window.tolist()  # the one host-device sync of the window
+        if non_finite > 0 or not math.isfinite(mean_loss):
+            raise NonFiniteTrainingError(
+                f"Training diverged: the loss or gradient norm became NaN or infinite between steps "
+                f"{step - self._steps + 1} and {step} (read at step {step}, a log step). Stopped before saving: "
+                "checkpoints are never written with non-finite weights, so the newest one in checkpoint.ckpt_dir "
+                "predates the divergence. Resume from it with a lower optimizer.lr or optimizer.max_grad_norm."
+            )
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
         metrics = {

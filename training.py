@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -34,11 +35,12 @@ from config_validation import log_inert_keys, validate_config
 from convert import export_final_model
 from dataset import resolve_path
 from distributed import DistributedContext, all_reduce_sum, destroy_distributed, init_distributed
-from loader import EpochLoader, build_dataloaders
+from loader import EpochLoader, build_dataloaders, shutdown_workers
 from model import load_model_config, resolve_use_te
 from parallel import clip_grad_norm_, gradient_norms, parameter_memory_gib, unwrap
 from perf_logger import PerfLogger
 from precision import check_gpu_supports, fp8_enabled
+from run_lock import RunLock
 from scheduler import build_esm2_scheduler
 
 if TYPE_CHECKING:
@@ -111,29 +113,48 @@ class Run:
     layout: BatchLayout
     train_stream: EpochLoader
     validation_loader: Any
+    lock: RunLock | None = None  # rank 0's hold on checkpoint.ckpt_dir
+
+
+def take_checkpoint_dir(cfg: DictConfig) -> RunLock | None:
+    """Rank 0 makes the checkpoint folder this run's alone (refused while another live run holds it)."""
+    if not cfg.checkpoint.ckpt_dir:
+        return None
+    ckpt_dir = Path(cfg.checkpoint.ckpt_dir)
+    check_writable(ckpt_dir)
+    is_rank_0 = int(os.environ.get("RANK", 0)) == 0  # before the process group exists
+    return RunLock(ckpt_dir).acquire() if is_rank_0 else None
 
 
 def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
-    """Validate the configuration, join the process group, and build tokenizer and data; fails before training."""
+    """Validate the configuration, take the checkpoint folder, join the process group, build tokenizer and data.
+
+    Everything that can fail before training fails here, in this order, before any model is built.
+    """
     model_config = load_model_config(cfg.model_tag)
     use_te, reason = resolve_use_te(cfg.use_te)
     validate_config(cfg, model_config, use_te, strategy)
     layout = BatchLayout.from_config(cfg)
-    if cfg.checkpoint.ckpt_dir:
-        check_writable(Path(cfg.checkpoint.ckpt_dir))
-    context = init_distributed()
-    if fp8_enabled(cfg):
-        check_gpu_supports(cfg.fp8_config.recipe, context.device)
-    if not context.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    logger.info("Model: %s, %s.", cfg.model_tag, reason)
-    log_inert_keys(cfg, strategy)
-    from transformers import AutoTokenizer
+    lock = take_checkpoint_dir(cfg)
+    try:
+        context = init_distributed()
+        if fp8_enabled(cfg):
+            check_gpu_supports(cfg.fp8_config.recipe, context.device)
+        if not context.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        logger.info("Model: %s, %s.", cfg.model_tag, reason)
+        log_inert_keys(cfg, strategy)
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.tokenizer))
-    train_stream, validation_loader = build_dataloaders(cfg, layout, context, tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.tokenizer))
+        train_stream, validation_loader = build_dataloaders(cfg, layout, context, tokenizer)
+    except BaseException:
+        shutdown_workers()
+        if lock is not None:
+            lock.release()
+        raise
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    return Run(cfg, context, tokenizer, model_config, use_te, layout, train_stream, validation_loader)
+    return Run(cfg, context, tokenizer, model_config, use_te, layout, train_stream, validation_loader, lock)
 
 
 def build_optimizer(optimizer_cfg: Any, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
@@ -289,6 +310,16 @@ def train_loop(
 def run(cfg: DictConfig, strategy: Strategy) -> TrainResult:
     """An entrypoint's whole job: set up, wrap, resume, train, checkpoint, export, leave the process group."""
     setup = setup_run(cfg, strategy)
+    try:
+        return _train(setup, strategy)
+    finally:
+        shutdown_workers()
+        if setup.lock is not None:
+            setup.lock.release()
+
+
+def _train(setup: Run, strategy: Strategy) -> TrainResult:
+    cfg = setup.cfg
     model, optimizer, scheduler = build_training(setup, strategy)
     local_gib, whole_gib = parameter_memory_gib(model)
     logger.info("Parameters stored on this rank: %.4g GiB of the model's %.4g GiB.", local_gib, whole_gib)
@@ -297,6 +328,11 @@ def run(cfg: DictConfig, strategy: Strategy) -> TrainResult:
         scheduler=scheduler,
         data=setup.train_stream,
         fp8=TEExtraState(model),
+        facts={
+            "model": cfg.model_tag,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "num_workers": cfg.dataset.num_workers,
+        },
     )
     checkpointer = Checkpointer(cfg.checkpoint, setup.context, parts)
     preemption = Preemption().install()
@@ -306,10 +342,8 @@ def run(cfg: DictConfig, strategy: Strategy) -> TrainResult:
     checkpointer.finish(result.step, completed=result.completed)
     if result.completed and cfg.checkpoint.ckpt_dir and cfg.checkpoint.save_final_model:
         full_state = strategy.state_dict.full_model_state_dict(model)  # a collective: every rank takes part
-        tokenizer_dir = resolve_path(cfg.tokenizer)
-        export_final_model(
-            full_state, unwrap(model).config, Path(cfg.checkpoint.ckpt_dir), tokenizer_dir, setup.context
-        )
+        ckpt_dir, tokenizer_dir = Path(cfg.checkpoint.ckpt_dir), resolve_path(cfg.tokenizer)
+        export_final_model(full_state, unwrap(model).config, ckpt_dir, tokenizer_dir, setup.context)
     destroy_distributed()
     return result
 

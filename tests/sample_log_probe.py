@@ -7,6 +7,7 @@ Validation and data-loader workers are off unless overridden later on the comman
 a training batch of this process. Fault injection, through environment variables:
   PROBE_KILL_AT_PUBLISH=N   SIGKILL this process while the checkpoint of step N is written but not yet published
   PROBE_FAIL_SAVE=N         make writing the checkpoint of step N fail as a full disk would (ENOSPC)
+  PROBE_NAN_AT_STEP=N       make one gradient NaN in step N, as a diverging run would
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import compose
 
 import checkpoint
+import training
 from collator import BSHDCollator, THDCollator
 
 
@@ -46,10 +48,10 @@ def inject_faults() -> None:
     fail_step = int(os.environ.get("PROBE_FAIL_SAVE", -1))
     write_manifest, write = checkpoint._write_manifest, checkpoint.Checkpointer._write
 
-    def killing_write_manifest(path, step, world_size):
+    def killing_write_manifest(path, step, world_size, digests):
         if step == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
-        return write_manifest(path, step, world_size)
+        return write_manifest(path, step, world_size, digests)
 
     def failing_write(self, step, tmp_dir, use_async):
         if step == fail_step:
@@ -59,6 +61,18 @@ def inject_faults() -> None:
 
     checkpoint._write_manifest = killing_write_manifest
     checkpoint.Checkpointer._write = failing_write
+
+    nan_step, forward_backward, calls = int(os.environ.get("PROBE_NAN_AT_STEP", -1)), training.forward_backward, [0]
+
+    def diverging_forward_backward(model, strategy, micro_batches, world_size):
+        loss = forward_backward(model, strategy, micro_batches, world_size)
+        calls[0] += 1
+        if calls[0] == nan_step:
+            grad = next(p for p in model.parameters() if p.grad is not None).grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")
+        return loss
+
+    training.forward_backward = diverging_forward_backward
 
 
 def main() -> None:

@@ -2,18 +2,33 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import zlib
 
 import pytest
 import torch
-from conftest import RECIPE_DIR, launch, read_fasta_sequences
+from conftest import RECIPE_DIR, compose, launch, read_fasta_sequences
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from checkpoint import CheckpointError, check_writable, list_checkpoints, verify_manifest
-
-pytestmark = pytest.mark.e2e
+from checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointParts,
+    DistributedStateDict,
+    ModelAndOptimizer,
+    NonFiniteStateError,
+    TEExtraState,
+    check_writable,
+    file_digest,
+    list_checkpoints,
+    load_small_file,
+    verify_manifest,
+)
+from distributed import DistributedContext
 
 SMALL = [
     "dataset.max_seq_length=64",
@@ -28,7 +43,8 @@ def losses(metrics_file):
     return {m["step"]: m["train/loss"] for m in map(json.loads, metrics_file.read_text().splitlines())}
 
 
-@pytest.mark.parametrize("entrypoint", ["train_fsdp2.py", "train_ddp.py"])
+@pytest.mark.e2e
+@pytest.mark.parametrize("entrypoint", ["train_ddp.py"])  # FSDP2: the SIGTERM test below, same assertions
 def test_stop_and_go_gives_bit_identical_losses(tmp_path, entrypoint):
     common = [entrypoint, "--config-name", "L0_sanity", *SMALL, "num_train_steps=12", "dataset.num_workers=1"]
     straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
@@ -45,6 +61,7 @@ def test_stop_and_go_gives_bit_identical_losses(tmp_path, entrypoint):
     assert len(losses(straight)) == 12
 
 
+@pytest.mark.e2e
 def test_killed_mid_write_resumes_from_the_previous_checkpoint(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     args = [
@@ -92,6 +109,7 @@ def test_killed_mid_write_resumes_from_the_previous_checkpoint(tmp_path):
     assert "(step 6)" in again.stdout
 
 
+@pytest.mark.e2e
 def test_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     result = launch(
@@ -110,12 +128,14 @@ def test_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    assert "Saving the checkpoint of step 4 failed" in log and "No space left on device" in log
+    assert "Saving the checkpoint of step 4 failed (no space left on device: the checkpoint needs about" in log
+    assert "GiB are free in" in log
     assert "the previous checkpoint step_0000002 is intact" in log
     assert [step for step, _ in list_checkpoints(ckpt_dir)] == [6, 2]
     assert not list(ckpt_dir.glob("*.tmp"))
 
 
+@pytest.mark.e2e
 def test_two_ranks_resume_on_one_without_repeating_or_skipping_samples(tmp_path):
     fasta = tmp_path / "64.fasta"
     fasta.write_text("".join(f">s{i}\n{seq}\n" for i, seq in enumerate(read_fasta_sequences(64))))
@@ -149,6 +169,7 @@ def _token_ids(sequences):
     return tokenizer(sequences)["input_ids"]
 
 
+@pytest.mark.e2e
 def test_unwritable_checkpoint_dir_fails_at_start(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -162,6 +183,7 @@ def test_unwritable_checkpoint_dir_fails_at_start(tmp_path):
     assert "Data:" not in result.stdout  # refused before loading any data
 
 
+@pytest.mark.e2e
 def test_unloadable_checkpoints_are_skipped_and_never_silently_replaced(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     args = [
@@ -177,14 +199,15 @@ def test_unloadable_checkpoints_are_skipped_and_never_silently_replaced(tmp_path
     assert first.returncode == 0, first.stderr[-3000:]
     assert [step for step, _ in list_checkpoints(ckpt_dir)] == [4, 2]
 
-    def scramble(step):  # same size, so the manifest still matches: only loading can tell
+    def scramble(step):  # same size: only the checksum can tell
         rank_file = ckpt_dir / f"step_{step:07d}" / "rank_00000.pt"
         rank_file.write_bytes(bytes(reversed(rank_file.read_bytes())))
 
     scramble(4)
     resumed = launch([*args, "num_train_steps=5"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Skipping checkpoint" in resumed.stdout and "step_0000004: loading failed" in resumed.stdout
+    assert "Skipping checkpoint" in resumed.stdout
+    assert "step_0000004: rank_00000.pt does not match its checksum" in resumed.stdout
     assert "(step 2)" in resumed.stdout
 
     for step, _ in list_checkpoints(ckpt_dir):
@@ -217,3 +240,213 @@ def test_te_fp8_state_is_restored_with_the_pickle_permission_scoped_to_the_call(
     _restore_te_extra_states(model, {"1": torch.tensor([7], dtype=torch.uint8)})
     assert seen["permission"] == "1" and seen["state"].tolist() == [7]
     assert TE_UNSAFE_PICKLE_ENV not in os.environ
+
+
+@pytest.mark.e2e
+def test_sigterm_to_torchrun_and_to_the_whole_process_group_saves_and_resumes_exactly(tmp_path):
+    """How jobs end: torchrun forwards SIGTERM to its ranks; `scancel` or a time limit signal every process.
+
+    DataLoader workers (num_workers=1) ignore the signal, so the ranks finish the step, save and exit; each resumed
+    part continues the run bit for bit.
+    """
+    common = ["train_fsdp2.py", "--config-name", "L0_sanity", *SMALL, "num_train_steps=16", "dataset.num_workers=1"]
+    straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
+    result = launch([*common, f"logger.metrics_file={straight}", "checkpoint.ckpt_dir=null"], tmp_path, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = [*common, f"logger.metrics_file={resumed}", f"checkpoint.ckpt_dir={tmp_path / 'ckpt'}"]
+    stops = []
+    for to_group in (False, True):
+        signalled = signal_mid_run(args, tmp_path, resumed, to_group)
+        assert "Received SIGTERM: will save a checkpoint" in signalled
+        assert "killed by signal" not in signalled  # no DataLoader worker died
+        stops.append(max(losses(resumed)))
+        assert list_checkpoints(tmp_path / "ckpt")[0][0] == stops[-1]  # the newest checkpoint is the stop step
+    assert stops[0] < stops[1] < 16, stops
+    final = launch(args, tmp_path, nproc=2)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert losses(resumed) == losses(straight)  # all 16, bit for bit, across two preemptions
+
+
+def signal_mid_run(args, tmp_path, metrics_file, to_group):
+    """Start a 2-rank torchrun, SIGTERM it (its parent, or its whole process group) after two more steps."""
+    done = len(losses(metrics_file)) if metrics_file.exists() else 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    process = subprocess.Popen(
+        [*launcher, *args, f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=RECIPE_DIR,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a batch job has
+    )
+    seen = []
+    for line in process.stdout:  # the log says when steps are done; no timing guesses
+        seen.append(line)
+        if metrics_file.exists() and len(losses(metrics_file)) >= done + 2:
+            break
+    os.killpg(process.pid, signal.SIGTERM) if to_group else process.send_signal(signal.SIGTERM)
+    return "".join(seen) + process.communicate(timeout=120)[0]
+
+
+PROBE = ["tests/sample_log_probe.py"]
+
+
+@pytest.mark.e2e
+def test_a_nan_loss_stops_the_run_and_the_last_good_checkpoint_stays_newest(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    args = [*PROBE, str(tmp_path), "train_fsdp2", *SMALL, "num_train_steps=12", f"checkpoint.ckpt_dir={ckpt_dir}"]
+    args += ["checkpoint.save_every_n_steps=2", "logger.log_every_n_steps=3"]
+    result = launch(args, tmp_path, env={"PROBE_NAN_AT_STEP": "5"})
+    assert result.returncode != 0
+    log = result.stdout + result.stderr
+    assert "NonFiniteTrainingError: Training diverged: the loss or gradient norm became NaN or infinite between " in log
+    assert "steps 4 and 6 (read at step 6" in log
+    assert [step for step, _ in list_checkpoints(ckpt_dir)] == [4, 2]  # step 6, due to be saved, was not
+    assert verify_manifest(ckpt_dir / "step_0000004") is None
+    assert not (ckpt_dir / "final_model").exists() and not (ckpt_dir / ".lock").exists()
+
+
+@pytest.mark.e2e
+def test_a_second_run_on_a_locked_folder_refuses_and_a_failed_final_save_exits_non_zero(tmp_path):
+    from run_lock import RunLock
+
+    ckpt_dir = tmp_path / "ckpt"
+    args = [*PROBE, str(tmp_path), "train_fsdp2", *SMALL, "num_train_steps=4", f"checkpoint.ckpt_dir={ckpt_dir}"]
+    ckpt_dir.mkdir()
+    held = RunLock(ckpt_dir).acquire()  # this test process plays the other, live run
+    try:
+        refused = launch(args, tmp_path)
+    finally:
+        held.release()
+    assert refused.returncode != 0
+    assert f"is in use by another run (PID {os.getpid()} on " in refused.stdout + refused.stderr
+    assert "Data:" not in refused.stdout and not list_checkpoints(ckpt_dir)
+    failed = launch(args, tmp_path, env={"PROBE_FAIL_SAVE": "4"})  # the last step's save: the end of the run
+    assert failed.returncode != 0
+    assert "The checkpoint of step 4 could not be saved" in failed.stdout + failed.stderr
+    assert not list_checkpoints(ckpt_dir) and not (ckpt_dir / "final_model").exists()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB filesystem (root may mount one): far too small for the 8M model's checkpoint."""
+    mount_point = tmp_path / "tiny_fs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.e2e
+def test_a_full_disk_says_no_space_with_the_bytes_needed_and_free(tmp_path, small_tmpfs):
+    args = ["train_fsdp2.py", "--config-name", "L0_sanity", *SMALL, "num_train_steps=2"]
+    result = launch([*args, f"checkpoint.ckpt_dir={small_tmpfs / 'ckpt'}", "checkpoint.save_every_n_steps=1"], tmp_path)
+    log = result.stdout + result.stderr
+    assert "Saving the checkpoint of step 1 failed (no space left on device: the checkpoint needs about 0." in log
+    assert "GiB are free in" in log
+    assert result.returncode != 0 and "The checkpoint of step 2 could not be saved" in log  # the end: not exit 0
+    assert not list_checkpoints(small_tmpfs / "ckpt")
+
+
+# --- the Checkpointer in this process, on a tiny model (no subprocess) ---------------------------------------------
+
+CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+class Position:
+    """A stand-in for the loader's position: any Stateful part."""
+
+    def __init__(self, consumed=0):
+        self.state = {"epoch": 0, "consumed": consumed, "world_size": 1}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+def tiny_checkpointer(ckpt_dir, parameters=None, model_name="tiny"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).square().sum().backward()
+    optimizer.step()  # so the optimizer has state to save
+    parts = CheckpointParts(
+        model_optim=ModelAndOptimizer(model, optimizer, DistributedStateDict()),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        data=Position(consumed=8),
+        fp8=TEExtraState(model),
+        facts={"model": model_name, "parameters": parameters or 15, "num_workers": 0},
+    )
+    cfg = compose("L0_sanity", [f"checkpoint.ckpt_dir={ckpt_dir}", "checkpoint.save_every_n_steps=2"])
+    return Checkpointer(cfg.checkpoint, CPU, parts), model
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_at_save(tmp_path):
+    checkpointer, model = tiny_checkpointer(tmp_path)
+    assert checkpointer.save(2)
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+    with pytest.raises(NonFiniteStateError, match=r"step 4.*model\.0\.weight.*step_0000002 stays the newest"):
+        checkpointer.save(4)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_same_size_overwrite_inside_a_shard_is_caught_and_the_previous_checkpoint_used(tmp_path, caplog):
+    checkpointer, _ = tiny_checkpointer(tmp_path)
+    assert checkpointer.save(2) and checkpointer.save(4)
+    (shard,) = (tmp_path / "step_0000004" / "model_optim").glob("*.distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4] = b"\xff\xff\xff\x7f"  # a few bytes in the middle, size unchanged
+    shard.write_bytes(bytes(data))
+    assert "model_optim/__0_0.distcp does not match its checksum" in verify_manifest(tmp_path / "step_0000004")
+    resumed, _ = tiny_checkpointer(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert resumed.resume() == 2
+    assert "Skipping checkpoint" in caplog.text and "__0_0.distcp does not match its checksum" in caplog.text
+
+
+def test_a_train_state_crafted_to_run_code_is_refused_without_running_it(tmp_path):
+    checkpointer, _ = tiny_checkpointer(tmp_path)
+    assert checkpointer.save(2)
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    folder = tmp_path / "step_0000002"
+    torch.save({"step": 2, "payload": Payload()}, folder / "train_state.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())  # a forger would fix the manifest too
+    manifest["files"]["train_state.pt"] = (folder / "train_state.pt").stat().st_size
+    manifest["xxh3_64"]["train_state.pt"] = file_digest(folder / "train_state.pt")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_manifest(folder) is None
+    resumed, _ = tiny_checkpointer(tmp_path)
+    with pytest.raises(CheckpointError, match=r"No checkpoint in .* could be loaded .*Weights only load failed"):
+        resumed.resume()
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    checkpointer, _ = tiny_checkpointer(tmp_path)
+    assert checkpointer.save(2)
+    other, _ = tiny_checkpointer(tmp_path, parameters=33_993_602, model_name="esm2_t12_35M_UR50D")
+    with pytest.raises(CheckpointError) as error:
+        other.resume()
+    message = str(error.value)
+    assert "checkpoint is of a tiny model (15 parameters), config asks for esm2_t12_35M_UR50D (33,993,602" in message
+    assert len(message.splitlines()) == 1 and len(message) < 600
+
+
+def test_rng_states_of_older_checkpoints_still_load_safely(tmp_path):
+    import numpy as np
+
+    torch.save({"numpy": np.random.get_state()}, tmp_path / "old.pt")  # NumPy arrays, as written before
+    loaded = load_small_file(tmp_path / "old.pt")["numpy"]
+    assert loaded[0] == "MT19937" and (loaded[1] == np.random.get_state()[1]).all()

@@ -43,6 +43,7 @@ def _worker(rank: int, world: int, port: int, results: dict) -> None:
     local = {name: param.to_local().numel() for name, param in model.named_parameters()}
     if rank == 0:
         results[world] = (full, local)
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -42,6 +42,7 @@ def _worker(rank: int, port: int, max_norm: float, results: dict) -> None:
     norm = clip_grad_norm_(model, max_norm)
     shards = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None}
     results[rank] = (float(norm), shards)
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
