@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import multiprocessing
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -250,6 +251,12 @@ def shutdown_workers() -> None:
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+    # A worker that has not left after the shutdown message (e.g. blocked flushing a batch nobody reads) ignores the
+    # SIGTERM the DataLoader sends next; Python's exit would then wait for it forever. Workers are daemonic children.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 atexit.register(shutdown_workers)
