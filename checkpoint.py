@@ -438,7 +438,8 @@ class Checkpointer:
         self._finish_pending()
         if self._last_saved_step == step:
             return True
-        self._refuse_non_finite(step)
+        state = self.parts.model_optim.state_dict()  # gathered once: checked, then written
+        self._refuse_non_finite(step, state)
         final_dir = self.ckpt_dir / step_dir_name(step)
         tmp_dir = self.ckpt_dir / f"{final_dir.name}.tmp"
         started = time.perf_counter()
@@ -453,11 +454,11 @@ class Checkpointer:
             error = exc
         if self._all_ranks_ok(error is None):
             try:
-                future = self._write(step, tmp_dir, use_async=self.async_save and not blocking)
+                future = self._write(step, tmp_dir, state, use_async=self.async_save and not blocking)
             except checkpoint_errors() as exc:
                 error = exc
         if not self._all_ranks_ok(error is None):
-            self._abandon(tmp_dir, step, error)
+            self._abandon(tmp_dir, step, error, state)
             return False
         self._pending = _PendingSave(step, tmp_dir, final_dir, future, started)
         if (future is None or blocking) and not self._finish_pending():
@@ -471,9 +472,9 @@ class Checkpointer:
         self._last_saved_step = step
         return True
 
-    def _refuse_non_finite(self, step: int) -> None:
+    def _refuse_non_finite(self, step: int, state: dict[str, Any]) -> None:
         """Stop the run rather than save NaN or infinite weights or optimizer state (agreed on by every rank)."""
-        bad = non_finite_entries(self.parts.model_optim.state_dict())
+        bad = non_finite_entries(state)
         if any_rank(bool(bad)):
             previous = list_checkpoints(self.ckpt_dir)
             kept = f"{previous[0][1].name} stays the newest checkpoint" if previous else "no checkpoint was written"
@@ -484,10 +485,9 @@ class Checkpointer:
                 "optimizer.max_grad_norm."
             )
 
-    def _write(self, step: int, tmp_dir: Path, use_async: bool) -> Any:
+    def _write(self, step: int, tmp_dir: Path, state: dict[str, Any], use_async: bool) -> Any:
         """DCP first (its collectives raise on every rank if one rank fails), then the small per-rank files."""
         parts = self.parts
-        state = parts.model_optim.state_dict()
         shards = str(tmp_dir / "model_optim")
         import torch.distributed.checkpoint as dcp
 
@@ -509,13 +509,16 @@ class Checkpointer:
     def _all_ranks_ok(self, ok: bool) -> bool:
         return not any_rank(not ok)
 
-    def _abandon(self, tmp_dir: Path, step: int, error: BaseException | None) -> None:
+    def _abandon(
+        self, tmp_dir: Path, step: int, error: BaseException | None, state: dict[str, Any] | None = None
+    ) -> None:
         """Remove a failed save and say why; every rank calls it (the space estimate is a collective)."""
         if self.context.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         previous = list_checkpoints(self.ckpt_dir)
         kept = f"the previous checkpoint {previous[0][1].name} is intact" if previous else "no earlier checkpoint"
-        needed = sum(all_gather_object(_state_bytes(self.parts.model_optim.state_dict())))
+        state = self.parts.model_optim.state_dict() if state is None else state
+        needed = sum(all_gather_object(_state_bytes(state)))
         free = shutil.disk_usage(self.ckpt_dir).free
         disk_full = free < needed or "no space left" in str(error).lower() or getattr(error, "errno", None) == 28
         cause = (

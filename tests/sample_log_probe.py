@@ -53,11 +53,11 @@ def inject_faults() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return write_manifest(path, step, world_size, digests)
 
-    def failing_write(self, step, tmp_dir, use_async):
+    def failing_write(self, step, tmp_dir, state, use_async):
         if step == fail_step:
             (tmp_dir / "partial.bin").write_bytes(b"x" * 1000)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write(self, step, tmp_dir, use_async)
+        return write(self, step, tmp_dir, state, use_async)
 
     checkpoint._write_manifest = killing_write_manifest
     checkpoint.Checkpointer._write = failing_write
