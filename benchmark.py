@@ -1,18 +1,29 @@
 """Training-throughput benchmark: the reference transformers ESM-2 against the TransformerEngine layouts and FP8.
 
     python benchmark.py --config-name benchmark
-    python benchmark.py --config-name benchmark benchmark.models=[esm2_t36_3B_UR50D] benchmark.profile=true
+    python benchmark.py --config-name benchmark benchmark.models=[esm2_t33_650M_UR50D] \
+        benchmark.token_budgets=[8192,16384,32768,65536]
+    python benchmark.py --config-name benchmark benchmark.models=[esm2_t36_3B_UR50D] benchmark.variants=[te_thd]
 
 Each (model, variant) pair runs the real recipe, as users run it: the Hydra config with the variant's overrides,
 `setup_run`, the model built and wrapped by the chosen entrypoint's own `STRATEGY` (`benchmark.strategy`: ddp, the
 default, fsdp2 or mfsdp), fused AdamW and `train_loop` (forward, backward, clipping, optimizer step), on the shipped
-proteome's real length distribution and the same capacity of `token_budget` tokens per step. It reports
-unpadded tokens/s per GPU, model TFLOP/s, MFU, step time, peak memory and the padding fraction as a markdown table,
-JSON and a bar chart; the GPU's dense BF16 and FP8 matmul ceilings are measured in the same run.
+proteome's real length distribution and the same capacity of tokens per step (each of `token_budgets`). It reports
+unpadded tokens/s per GPU, model TFLOP/s, MFU, step time, GPU busy fraction, peak memory and the padding fraction as
+a markdown table, JSON and a bar chart; the GPU's dense BF16 and FP8 matmul ceilings are measured in the same run.
 
-Timing window: `train_loop` syncs host and device only at log steps. With `log_every_n_steps = timed_steps` and a
-warm-up that is a multiple of it, the last log window is exactly the timed window, bounded by the two syncs, and
-`TrainResult.metrics` holds its measurement.
+Repeats, interleaved: per (model, token budget) every variant is built once, as a session that stays alive (model,
+optimizer, and its data stream, which continues where it stopped instead of restarting the epoch), and warmed up.
+Then `repeats` rounds each run one timed window of `timed_steps` steps of every variant in turn (A B C A B C ...),
+so drift of clocks, temperature or the host hits all variants alike. Rows give the median over the windows with
+min and max, and every window is in the JSON, in the order the windows ran.
+
+Timing window: `train_loop` syncs host and device only at log steps. Sessions step with `log_every_n_steps =
+timed_steps` from a warm-up rounded up to a multiple of it, so each window's one log sync is at its end. The
+benchmark times each window itself between two `torch.cuda.synchronize()` calls, so all of the window's GPU work is
+inside it, and records the real sequence lengths of each batch as the loop draws it: the window's FLOPs and tokens
+are those of exactly its batches. The GPU busy fraction is the union of the kernel and copy intervals that
+torch.profiler (CUDA activity only, no CPU op recording) records in the window, over the window's wall time.
 
 Model FLOPs count useful work only (no padding, no activation recomputation). Per optimizer step, summed over the
 real sequences of the step (s = real tokens of a sequence; L layers, hidden size H, FFN size I, real vocabulary V):
@@ -28,16 +39,20 @@ GELU are not counted. TFLOP/s = FLOPs of the timed window / its duration; MFU = 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import math
+import os
+import platform
 import re
+import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -47,16 +62,19 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.profiler import ProfilerActivity
 from transformers import EsmConfig
 
 import train_ddp
 import train_fsdp2
 import train_mfsdp
 from distributed import destroy_distributed
+from loader import shutdown_workers
 from model import count_parameters, te_unavailable_reason
 from parallel import unwrap
+from perf_logger import peak_memory_gib
 from precision import fp8_enabled, unsupported_reason
-from training import Run, Strategy, build_training, setup_run, train_loop
+from training import Run, Strategy, TrainResult, build_training, setup_run, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +82,8 @@ RECIPE_DIR = Path(__file__).resolve().parent
 BASELINE = "hf_pad1024"
 README_START, README_END = "<!-- benchmark-results:start -->", "<!-- benchmark-results:end -->"
 FLOP_FORMULA = "FLOPs/step = Σ_seq [6·P_matmul·s + 12·L·H·s²], P_matmul = L·(4H² + 2HI) + H² + H·V, s = real tokens"
+REPEATED = ("tokens_per_s", "padded_tokens_per_s", "tflops", "step_time_s")  # median, min, max over the repeats
+NOT_AVAILABLE = "not available"
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -75,13 +95,18 @@ STRATEGIES: dict[str, Strategy] = {
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to train the same model: implementation, precision (hydra_config/precision/), packing and padding."""
+    """One way to train the same model: implementation, precision (hydra_config/precision/), packing and padding.
+
+    `overrides` (dotted config keys → values) are applied after the precision preset, for variants that differ in
+    any other key; the benchmark's own keys (model, layout, budget, steps, logging) still win over them.
+    """
 
     label: str
     use_te: bool
     precision: str
     packed: bool = False
     pad_to_max_length: bool = False
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -89,11 +114,78 @@ VARIANTS: dict[str, Variant] = {
     "hf_padlongest": Variant("transformers (SDPA), padded to the longest", False, "bf16"),
     "te_bshd": Variant("TE, padded to the longest (BSHD)", True, "bf16"),
     "te_thd": Variant("TE, packed (THD)", True, "bf16", packed=True),
+    "te_thd_bf16_weights": Variant(
+        "TE THD, BF16 weights and optimizer state",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"use_fp32_master_weights": False},
+    ),
+    "te_thd_static": Variant("TE THD, static shapes", True, "bf16", packed=True, overrides={"static_shapes": True}),
+    "te_thd_graphs": Variant(
+        "TE THD, static shapes + CUDA graphs", True, "bf16", packed=True, overrides={"cuda_graphs": True}
+    ),
+    "te_thd_graphs_bf16_weights": Variant(
+        "TE THD + CUDA graphs, BF16 weights and optimizer state",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"cuda_graphs": True, "use_fp32_master_weights": False},
+    ),
+    "te_thd_graphs_fp8_delayed": Variant(
+        "TE THD + CUDA graphs + FP8 delayed scaling", True, "fp8_delayed", packed=True, overrides={"cuda_graphs": True}
+    ),
+    "te_thd_graphs_fp8_current": Variant(
+        "TE THD + CUDA graphs + FP8 current scaling", True, "fp8_current", packed=True, overrides={"cuda_graphs": True}
+    ),
     "te_thd_fp8_delayed": Variant("TE THD + FP8 delayed scaling", True, "fp8_delayed", packed=True),
     "te_thd_fp8_current": Variant("TE THD + FP8 current scaling", True, "fp8_current", packed=True),
     "te_thd_fp8_block": Variant("TE THD + FP8 block scaling", True, "fp8_block", packed=True),
     "te_thd_mxfp8": Variant("TE THD + MXFP8 (Blackwell)", True, "mxfp8", packed=True),
 }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How every variant is measured: `warmup` untimed steps, then `repeats` interleaved windows of `timed` steps."""
+
+    warmup: int
+    timed: int
+    repeats: int
+    token_budgets: tuple[int, ...]
+    busy_fraction: bool
+
+    @property
+    def session_steps(self) -> int:
+        """All steps of one session: the LR schedule is built for them (it does not change the throughput)."""
+        return self.warmup + (self.repeats + self.busy_fraction) * self.timed
+
+
+def benchmark_plan(cfg: DictConfig) -> Plan:
+    """The checked benchmark settings; every problem in one ValueError, before any data is read or model built."""
+    bench, seq = cfg.benchmark, int(cfg.dataset.max_seq_length)
+    timed, repeats, warmup = int(bench.timed_steps), int(bench.repeats), int(bench.warmup_steps)
+    budgets = bench.token_budgets if bench.token_budgets is not None else []
+    budgets = [budgets] if isinstance(budgets, int) else list(budgets)  # one budget may be given as a number
+    problems = []
+    if timed < 1:
+        problems.append(f"benchmark.timed_steps={timed} must be at least 1")
+    if repeats < 1:
+        problems.append(f"benchmark.repeats={repeats} must be at least 1")
+    if warmup < 0:
+        problems.append(f"benchmark.warmup_steps={warmup} must be 0 or more")
+    if not budgets:
+        problems.append("benchmark.token_budgets must list at least one token budget per step, e.g. [16384]")
+    if small := [b for b in budgets if int(b) < seq]:
+        problems.append(f"benchmark.token_budgets {small} must each be >= dataset.max_seq_length ({seq})")
+    if len(set(budgets)) < len(budgets) or len(set(bench.variants)) < len(bench.variants):
+        problems.append("benchmark.token_budgets and benchmark.variants must not list an entry twice")
+    if bench.strategy not in STRATEGIES:
+        problems.append(f"benchmark.strategy={bench.strategy!r} must be one of {tuple(STRATEGIES)}")
+    if problems:
+        raise ValueError("Invalid benchmark settings:\n  " + "\n  ".join(problems))
+    rounded = max(1, math.ceil(warmup / timed)) * timed  # the window's only log sync is then its last step
+    return Plan(rounded, timed, repeats, tuple(int(b) for b in budgets), bool(bench.busy_fraction))
 
 
 def matmul_parameters(config: EsmConfig) -> int:
@@ -122,41 +214,51 @@ def real_lengths(batch: dict[str, Any], pad_token_id: int) -> np.ndarray:
 
 
 class LengthRecorder:
-    """The training stream, noting each batch's real sequence lengths and epoch as `train_loop` draws it.
+    """The training stream, noting each batch's real sequence lengths, padded size and epoch as `train_loop` draws it.
 
-    That gives the FLOPs of exactly the batches of the timed window, and tells whether an epoch boundary (a data-loader
+    That gives the FLOPs of exactly the batches of a timed window, and tells whether an epoch boundary (a data-loader
     restart, which re-forks the workers) fell inside it. Host-side numpy only: no device sync.
     """
 
     def __init__(self, stream: Any, pad_token_id: int) -> None:
         self.stream, self.pad_token_id = stream, pad_token_id
         self.lengths: list[np.ndarray] = []
+        self.padded: list[int] = []
         self.epochs: list[int] = []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.stream:
             self.lengths.append(real_lengths(batch, self.pad_token_id))
+            self.padded.append(batch["input_ids"].numel())
             self.epochs.append(int(getattr(self.stream, "epoch", 0)))
             yield batch
 
 
-def variant_config(base: DictConfig, model_tag: str, variant: Variant, warmup: int, timed: int) -> DictConfig:
+def variant_config(base: DictConfig, model_tag: str, variant: Variant, token_budget: int, plan: Plan) -> DictConfig:
     """The benchmark config with the variant's precision preset and overrides, as `--config-name` + overrides would."""
-    budget, seq = int(base.benchmark.token_budget), int(base.dataset.max_seq_length)
+    seq = int(base.dataset.max_seq_length)
     preset = OmegaConf.load(RECIPE_DIR / "hydra_config" / "precision" / f"{variant.precision}.yaml")
-    overrides = {
+    cfg = OmegaConf.merge(base, preset)
+    for key, value in variant.overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    fixed = {
         "model_tag": model_tag,
         "use_te": str(variant.use_te).lower(),
-        "num_train_steps": warmup + timed,
+        "num_train_steps": plan.session_steps,
         "grad_acc_steps": 1,
         "use_sequence_packing": variant.packed,
-        "token_micro_batch_size": budget,
-        "dataset": {"micro_batch_size": budget // seq, "pad_to_max_length": variant.pad_to_max_length},
+        "token_micro_batch_size": token_budget,
+        "dataset": {"micro_batch_size": token_budget // seq, "pad_to_max_length": variant.pad_to_max_length},
         "validation": {"every_n_steps": 0},
         "checkpoint": {"ckpt_dir": None},
-        "logger": {"log_every_n_steps": timed, "progress_bar": False},
+        "logger": {"log_every_n_steps": plan.timed, "progress_bar": False, "grad_norms_file": None},
+        "wandb": {"enabled": False},  # train_loop's logger starts inside the timed window: no run to open there
     }
-    return OmegaConf.merge(base, preset, overrides)
+    return OmegaConf.merge(cfg, fixed)
+
+
+def weights_mode(cfg: DictConfig) -> str:
+    return "FP32 master" if cfg.use_fp32_master_weights else "BF16"
 
 
 def skip_reason(cfg: DictConfig, variant: Variant, strategy: Strategy) -> str | None:
@@ -170,46 +272,164 @@ def skip_reason(cfg: DictConfig, variant: Variant, strategy: Strategy) -> str | 
     return None
 
 
-def run_variant(cfg: DictConfig, warmup: int, timed: int, profile_prefix: Path | None) -> dict[str, Any]:
-    """Train warm-up + timed steps as the strategy's entrypoint does (no checkpoints) and measure the timed window."""
+@dataclass
+class Session:
+    """One variant's live training state, kept across its interleaved timed windows.
+
+    `run.train_stream` is the recorder's generator: every `train_loop` call continues it where the previous call
+    stopped (re-entering the `EpochLoader` would restart the epoch and its workers). `resident_bytes` is what the
+    session keeps allocated between windows (weights, optimizer state), so that its peak can be told apart from the
+    other sessions alive in the same process.
+    """
+
+    run: Run
+    strategy: Strategy
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    recorder: LengthRecorder
+    step: int = 0
+    resident_bytes: int = 0
+    windows: list[dict[str, Any]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """End the data stream (its loader iterator, and so its worker processes, go with it)."""
+        self.run.train_stream.close()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allocated_bytes(device: torch.device) -> int:
+    """Bytes the CUDA caching allocator hands out now (0 on CPU, whose peak is the process's resident set)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def advance(session: Session, steps: int) -> TrainResult:
+    """Train `steps` more optimizer steps of the session, continuing its step count, schedule and data stream."""
+    session.run.cfg.num_train_steps = session.step + steps
+    result = train_loop(
+        session.run, session.model, session.optimizer, session.scheduler, session.strategy, start_step=session.step
+    )
+    session.step = result.step
+    return result
+
+
+def open_session(cfg: DictConfig, plan: Plan) -> Session:
+    """Set up, build and wrap the variant as the strategy's entrypoint does (no checkpoints), then warm it up."""
     strategy = STRATEGIES[cfg.benchmark.strategy]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    free_cached_memory()
+    before = allocated_bytes(device)
     run = setup_run(cfg, strategy)
     recorder = LengthRecorder(run.train_stream, run.tokenizer.pad_token_id)
-    run.train_stream = recorder  # train_loop only iterates it
-    model, optimizer, scheduler = build_training(run, strategy)
-    metrics = train_loop(run, model, optimizer, scheduler, strategy).metrics
-    window = recorder.lengths[warmup : warmup + timed]
-    elapsed = metrics["train/step_time_s"] * timed
-    flops = sum(model_flops(lengths, run.model_config) for lengths in window)
-    row: dict[str, Any] = {
-        "status": "ok",
-        "parameters": count_parameters(model),
-        "attention": "TE" if run.use_te else unwrap(model).config._attn_implementation,
-        "tokens_per_s": metrics["train/tokens_per_s_per_gpu"],
-        "padded_tokens_per_s": metrics["train/padded_tokens_per_s_per_gpu"],
-        "step_time_s": metrics["train/step_time_s"],
-        "peak_memory_gib": metrics["train/peak_memory_gib"],
-        "padding_fraction": metrics["train/padding_fraction"],
-        "loss": metrics["train/loss"],
-        "window_steps": timed,
-        "window_sequences": sum(len(lengths) for lengths in window),
-        "window_tokens": int(sum(lengths.sum() for lengths in window)),
-        "window_flops": flops,
-        "tflops": flops / elapsed / 1e12,
+    run.train_stream = iter(recorder)  # one generator for the session's life: train_loop's iter() returns it as is
+    try:
+        model, optimizer, scheduler = build_training(run, strategy)
+        session = Session(run, strategy, model, optimizer, scheduler, recorder)
+        advance(session, plan.warmup)
+    except BaseException:
+        run.train_stream.close()
+        raise
+    session.resident_bytes = allocated_bytes(device) - before
+    return session
+
+
+def timed_window(session: Session, plan: Plan, traced: bool = False) -> dict[str, Any]:
+    """One window of `plan.timed` steps: wall time between two device syncs, peak memory, busy time if `traced`.
+
+    `traced` (GPU) takes the busy time from a CUDA-activity trace of the window. Tracing costs host time per kernel
+    launch, so it slows a host-bound step (on the 650M eager rows of 2026-12-02, traced windows ran at 53k tokens/s
+    against 60k-76k in untraced runs of the same model); the timed windows are therefore never traced, and the busy
+    fraction comes from one more window.
+    """
+    device = session.run.context.device
+    start, at_start = session.step, allocated_bytes(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    measure_busy = traced and device.type == "cuda"
+    profiler = torch.profiler.profile(activities=[ProfilerActivity.CUDA]) if measure_busy else None
+    with profiler if profiler is not None else contextlib.nullcontext():
+        synchronize(device)
+        begin = time.perf_counter()
+        result = advance(session, plan.timed)
+        synchronize(device)
+        seconds = time.perf_counter() - begin
+    busy = device_busy(profiler) if profiler is not None else None
+    if device.type == "cuda":  # this session's share: the peak less what the other live sessions hold
+        peak = (torch.cuda.max_memory_allocated(device) - (at_start - session.resident_bytes)) / 2**30
+    else:
+        peak = peak_memory_gib(device)
+    window = window_measures(session, start, seconds, result.metrics.get("train/loss", math.nan))
+    window["busy_fraction"] = None if busy is None else busy[0] / (seconds * 1e9)
+    window["peak_memory_gib"] = peak
+    return window
+
+
+def window_measures(session: Session, start: int, seconds: float, loss: float) -> dict[str, Any]:
+    """Tokens, FLOPs and rates of the window's batches, as the recorder saw them drawn."""
+    end, recorder = session.step, session.recorder
+    lengths = np.concatenate(recorder.lengths[start:end])
+    tokens, padded = int(lengths.sum()), sum(recorder.padded[start:end])
+    flops = model_flops(lengths, session.run.model_config)  # a sum over sequences: the sum of the steps' FLOPs
+    return {
+        "start_step": start,
+        "steps": end - start,
+        "seconds": seconds,
+        "sequences": len(lengths),
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "flops": flops,
+        "tokens_per_s": tokens / seconds,
+        "padded_tokens_per_s": padded / seconds,
+        "tflops": flops / seconds / 1e12,
+        "step_time_s": seconds / (end - start),
+        "epoch_boundary": recorder.epochs[start - 1] != recorder.epochs[end - 1],
+        "loss": loss,
+        "lengths": lengths.tolist(),
     }
-    if recorder.epochs[warmup - 1] != recorder.epochs[warmup + timed - 1]:
-        row["reason"] = "an epoch boundary (data-loader restart) fell in the timed window"
-    if profile_prefix is not None:
-        profile_steps(run, model, optimizer, scheduler, strategy, profile_prefix, int(cfg.benchmark.profile_steps))
-    return row
+
+
+def merged_length(intervals: Iterable[tuple[int, int]]) -> int:
+    """Length of the union of [start, end) intervals: kernels on concurrent streams count once."""
+    total, covered_to = 0, None
+    for start, end in sorted(intervals):
+        if covered_to is None or start >= covered_to:
+            total, covered_to = total + end - start, end
+        elif end > covered_to:
+            total, covered_to = total + end - covered_to, end
+    return total
+
+
+def device_busy(prof: torch.profiler.profile) -> tuple[int, int] | None:
+    """(busy_ns, wall_ns) of a profile: the union of its GPU kernel and copy intervals, and the span of all events.
+
+    A GPU busy far less than the wall time means the step is host-bound: the GPU waits for Python, hooks or kernel
+    launches, and faster kernels would not help. None when this torch release's profiler internals differ.
+    """
+    try:
+        records = prof.profiler.kineto_results.events()
+        spans = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in records]
+        device = [span for span, e in zip(spans, records, strict=True) if e.device_type().name == "CUDA"]
+    except (AttributeError, RuntimeError) as exc:
+        logger.warning("GPU busy time not available: %s", exc)
+        return None
+    if not spans:
+        return 0, 0
+    return merged_length(device), max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 def profile_steps(
     run: Run, model: Any, optimizer: Any, scheduler: Any, strategy: Strategy, prefix: Path, steps: int
 ) -> None:
-    """Profile a few more steps with torch.profiler, after the timed window so the profiler cannot perturb it."""
+    """Profile a few more steps with torch.profiler, after the timed windows so the profiler cannot perturb them."""
     cuda = run.context.uses_cuda
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort_keys = ["self_device_time_total" if cuda else "self_cpu_time_total", "self_cpu_time_total"]  # GPU, host
 
     def write(prof: torch.profiler.profile) -> None:
@@ -221,7 +441,7 @@ def profile_steps(
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     start = int(run.cfg.num_train_steps)
-    run.cfg.num_train_steps = start + 2 + steps  # 1 step waits out the data-loader restart, 1 warms the profiler up
+    run.cfg.num_train_steps = start + 2 + steps  # 1 step skipped (an epoch restart may fall there), 1 warms it up
     schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write) as prof:
         step = lambda _: bool(prof.step())  # noqa: E731  (after_step: advance the profiler's schedule, never stop)
@@ -229,59 +449,175 @@ def profile_steps(
 
 
 def device_busy_summary(prof: torch.profiler.profile, steps: int) -> str:
-    """How much of the profiled wall time the GPU was busy (the union of kernel and copy intervals).
-
-    A GPU busy far less than the wall time means the step is host-bound: the GPU waits for Python, hooks or kernel
-    launches, and faster kernels would not help.
-    """
-    try:
-        records = prof.profiler.kineto_results.events()
-        spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in records)
-        device = sorted(
-            (e.start_ns(), e.start_ns() + e.duration_ns()) for e in records if e.device_type().name == "CUDA"
-        )
-    except (AttributeError, RuntimeError) as exc:  # the profiler's internals differ between torch releases
-        return f"GPU busy time not available ({exc})\n\n"
-    if not device:
+    """How much of the profiled wall time the GPU was busy (the union of kernel and copy intervals)."""
+    busy = device_busy(prof)
+    if busy is None:
+        return "GPU busy time not available\n\n"
+    if busy[0] == 0:
         return "No GPU activity was recorded\n\n"
-    busy, current_start, current_end = 0, *device[0]
-    for start, end in device[1:]:
-        if start > current_end:
-            busy, current_start = busy + current_end - current_start, start
-        current_end = max(current_end, end)
-    busy += current_end - current_start
-    wall = max(end for _, end in spans) - spans[0][0]
+    busy_ns, wall_ns = busy
     return (
-        f"GPU busy {busy / 1e6 / steps:.1f} ms per step of {wall / 1e6 / steps:.1f} ms profiled wall time "
-        f"({busy / wall:.0%}), over {steps} steps\n\n"
+        f"GPU busy {busy_ns / 1e6 / steps:.1f} ms per step of {wall_ns / 1e6 / steps:.1f} ms profiled wall time "
+        f"({busy_ns / wall_ns:.0%}), over {steps} steps\n\n"
     )
 
 
-def measure(base: DictConfig, model_tag: str, name: str, warmup: int, timed: int) -> dict[str, Any]:
-    """One row of the table: the measurement, or why there is none (skipped, OOM, failed)."""
+def failure(exc: Exception) -> dict[str, str]:
+    """The row status of a variant that raised: OOM (CUDA's, or an allocator's message) or failed, with the reason."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return {"status": "OOM", "reason": "CUDA out of memory"}
+    if "out of memory" in str(exc).lower():
+        return {"status": "OOM", "reason": f"{type(exc).__name__}: out of memory"}
+    traceback.print_exception(exc)
+    return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def start_variant(base: DictConfig, model_tag: str, budget: int, name: str, plan: Plan) -> tuple[dict, Session | None]:
+    """The variant's row and its warmed-up session, or a row saying why there is none (skipped, OOM, failed)."""
+    row: dict[str, Any] = {"model": model_tag, "token_budget": budget, "variant": name, "status": "pending"}
     if name not in VARIANTS:
-        return {"status": "skipped", "reason": f"unknown variant (known: {', '.join(VARIANTS)})"}
+        return row | {"status": "skipped", "reason": f"unknown variant (known: {', '.join(VARIANTS)})"}, None
     variant = VARIANTS[name]
-    row: dict[str, Any] = {"label": variant.label, "fp8": False}
-    profile = Path(base.benchmark.output_dir) / "profile" / f"{model_tag}_{name}" if base.benchmark.profile else None
+    row |= {"label": variant.label, "fp8": False, "fp8_recipe": None, "repeats": 0}
     try:
-        cfg = variant_config(base, model_tag, variant, warmup, timed)
-        row["fp8"] = fp8_enabled(cfg)
+        cfg = variant_config(base, model_tag, variant, budget, plan)
+        row |= {"fp8": fp8_enabled(cfg), "weights": weights_mode(cfg)}
+        row["fp8_recipe"] = str(cfg.fp8_config.recipe) if row["fp8"] else None
         if reason := skip_reason(cfg, variant, STRATEGIES[cfg.benchmark.strategy]):
-            return row | {"status": "skipped", "reason": reason}
-        return row | run_variant(cfg, warmup, timed, profile)
-    except torch.OutOfMemoryError:
-        return row | {"status": "OOM", "reason": "CUDA out of memory"}
+            return row | {"status": "skipped", "reason": reason}, None
+        session = open_session(cfg, plan)
     except Exception as exc:  # one broken variant must not cost the others' numbers
-        if "out of memory" in str(exc).lower():
-            return row | {"status": "OOM", "reason": f"{type(exc).__name__}: out of memory"}
-        traceback.print_exc()
-        return row | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+        return row | failure(exc), None
+    attention = "TE" if session.run.use_te else unwrap(session.model).config._attn_implementation
+    return row | {"parameters": count_parameters(session.model), "attention": attention}, session
+
+
+def spread_stats(key: str, values: list[float | None]) -> dict[str, Any]:
+    """Median, min and max of one measure over the repeats, and the per-repeat list (None when not measured)."""
+    if not values or any(v is None for v in values):
+        return {key: None, f"{key}_min": None, f"{key}_max": None, f"{key}_repeats": values}
+    return {
+        key: float(np.median(values)),
+        f"{key}_min": min(values),
+        f"{key}_max": max(values),
+        f"{key}_repeats": values,
+    }
+
+
+def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row's measurements from its timed windows so far: medians with min–max, totals and epoch restarts."""
+    row: dict[str, Any] = {"status": "ok", "repeats": len(windows), "window_steps": windows[0]["steps"]}
+    row |= {"busy_fraction": None, "traced_tokens_per_s": None}  # set by `trace_window`, after the timed rounds
+    for key in REPEATED:
+        row |= spread_stats(key, [w[key] for w in windows])
+    row["spread"] = row["tokens_per_s_max"] / row["tokens_per_s_min"] - 1
+    row["peak_memory_gib_repeats"] = [w["peak_memory_gib"] for w in windows]
+    row["peak_memory_gib"] = max(row["peak_memory_gib_repeats"])  # the most the variant needed in any window
+    tokens, padded = sum(w["tokens"] for w in windows), sum(w["padded_tokens"] for w in windows)
+    row["padding_fraction"] = 1.0 - tokens / max(padded, 1)
+    for key in ("sequences", "tokens", "flops"):
+        row[f"window_{key}_repeats"] = [w[key] for w in windows]
+    row["loss"] = windows[-1]["loss"]
+    row["epoch_boundaries"] = sum(w["epoch_boundary"] for w in windows)
+    if row["epoch_boundaries"]:
+        row["reason"] = f"an epoch boundary in {row['epoch_boundaries']}/{len(windows)} windows"
+    return row
+
+
+def run_window(sessions: dict[str, Session], row: dict[str, Any], plan: Plan, repeat: int, report: dict) -> None:
+    """The variant's timed window of this round; an error or OOM marks its row and drops its session only."""
+    name = row["variant"]
+    try:
+        window = timed_window(sessions[name], plan)
+    except Exception as exc:
+        row.update(failure(exc))
+        sessions.pop(name).close()
+    else:
+        window = {
+            "model": row["model"],
+            "token_budget": row["token_budget"],
+            "variant": name,
+            "repeat": repeat,
+        } | window
+        sessions[name].windows.append(window)
+        report["windows"].append(window)  # in the order the windows ran
+        row.update(summarize(sessions[name].windows))
+    if name in sessions:
+        summary = f"{window['tokens_per_s']:,.0f} tokens/s"
+    else:  # outside the except block: the error's frames, and the dropped session, no longer hold tensors
+        free_cached_memory()
+        summary = row.get("reason", "")
+    print(
+        f"[benchmark] {row['model']} {row['token_budget']} {name} #{repeat + 1}: {row['status']} {summary}", flush=True
+    )
+
+
+def trace_window(sessions: dict[str, Session], row: dict[str, Any], plan: Plan, report: dict) -> None:
+    """One more window of the variant, traced: its GPU busy fraction, and its tokens/s to show what tracing cost."""
+    session = sessions[row["variant"]]
+    if session.run.context.device.type != "cuda":
+        return
+    try:
+        window = timed_window(session, plan, traced=True)
+    except Exception as exc:  # the timed windows stand; say why there is no busy fraction
+        row["busy_error"] = failure(exc)["reason"]
+        return
+    report["windows"].append({"model": row["model"], "token_budget": row["token_budget"], "variant": row["variant"],
+                              "repeat": None, "traced": True} | window)  # fmt: skip
+    row["busy_fraction"], row["traced_tokens_per_s"] = window["busy_fraction"], window["tokens_per_s"]
+
+
+def measure_group(cfg: DictConfig, model_tag: str, budget: int, plan: Plan, report: dict, save: Callable) -> None:
+    """One (model, token budget): build and warm up every variant, interleave their timed windows, then free them."""
+    sessions: dict[str, Session] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in cfg.benchmark.variants:
+        rows[name], session = start_variant(cfg, model_tag, budget, name, plan)
+        report["rows"].append(rows[name])
+        if session is None:
+            free_cached_memory()
+            print(f"[benchmark] {model_tag} {budget} {name}: {rows[name]['status']} {rows[name]['reason']}", flush=True)
+        else:
+            sessions[name] = session
+    save()
+    for repeat in range(plan.repeats):
+        for name in [n for n in rows if n in sessions]:  # A B C, A B C, ...
+            run_window(sessions, rows[name], plan, repeat, report)
+            save()
+    for name in [n for n in rows if n in sessions] if plan.busy_fraction else []:
+        trace_window(sessions, rows[name], plan, report)
+        save()
+    for name, session in sessions.items():
+        if cfg.benchmark.profile:
+            prefix = output_dir(cfg.benchmark, session.run.context.device) / "profile" / f"{model_tag}_{budget}_{name}"
+            try:
+                profile_steps(*session_parts(session), prefix, int(cfg.benchmark.profile_steps))
+            except Exception as exc:  # the timed numbers stand; say why there is no profile
+                rows[name]["profile"] = failure(exc)["reason"]
+        session.close()
+    sessions.clear()
+    shutdown_workers()
+    release_memory()
+
+
+def session_parts(session: Session) -> tuple[Run, Any, Any, Any, Strategy]:
+    return session.run, session.model, session.optimizer, session.scheduler, session.strategy
+
+
+def free_cached_memory() -> None:
+    """Drop unreachable objects and return cached GPU blocks (a dropped session's memory) to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def release_memory() -> None:
-    """Free the previous variant's GPU memory and TE's global FP8 state, and restart the peak-memory count."""
-    gc.collect()
+    """Free a finished group's GPU memory and TE's global FP8 state, and restart the peak-memory count.
+
+    Only between groups: TE's FP8 state is process-global, and live sessions of the group still use it.
+    """
+    free_cached_memory()
     if "transformer_engine.pytorch" in sys.modules:
         try:
             from transformer_engine.pytorch.quantization import FP8GlobalStateManager
@@ -289,8 +625,6 @@ def release_memory() -> None:
             from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
         FP8GlobalStateManager.reset()
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -342,14 +676,16 @@ def matmul_ceilings(device: torch.device, size: int, repeats: int = 20) -> dict[
 
 
 def add_derived(report: dict[str, Any]) -> None:
-    """Speed-up against hf_pad1024 of the same model, and MFU against the measured ceilings."""
+    """Speed-up of the medians against hf_pad1024 of the same model and budget, and MFU against the ceilings."""
     ceilings, dense = report["meta"]["ceilings_tflops"], report["meta"]["dense_ceiling"]
     rows = [r for r in report["rows"] if r["status"] == "ok"]
-    baseline = {r["model"]: r["tokens_per_s"] for r in rows if r["variant"] == BASELINE}
+    baseline = {(r["model"], r["token_budget"]): r["tokens_per_s"] for r in rows if r["variant"] == BASELINE}
     for r in rows:
-        r["speedup"] = r["tokens_per_s"] / baseline[r["model"]] if r["model"] in baseline else None
-        r["mfu"] = r["tflops"] / ceilings[dense]
-        r["mfu_fp8"] = r["tflops"] / ceilings["fp8"] if r["fp8"] and "fp8" in ceilings else None
+        reference = baseline.get((r["model"], r["token_budget"]))
+        r["speedup"] = r["tokens_per_s"] / reference if reference else None
+        r.update(spread_stats("mfu", [t / ceilings[dense] for t in r["tflops_repeats"]]))
+        fp8 = r["fp8"] and "fp8" in ceilings
+        r.update(spread_stats("mfu_fp8", [t / ceilings["fp8"] for t in r["tflops_repeats"]] if fp8 else []))
 
 
 def _num(value: float) -> str:
@@ -357,78 +693,125 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
 def short_name(model_tag: str) -> str:
     match = re.search(r"_(\d+[MB])_", model_tag)
     return f"ESM-2 {match.group(1)}" if match else model_tag
 
 
+def table_cells(r: dict[str, Any]) -> list[str]:
+    """One table row: what was run, then the medians (tokens/s with its min–max), or the status and why."""
+    cells = [short_name(r["model"]), f"{r['token_budget']:,}", r["variant"], r.get("fp8_recipe") or "–"]
+    cells.append(r.get("weights", ""))
+    if r["status"] != "ok":
+        return [*cells, r["status"], *[""] * 10, r.get("reason", "")]
+    speedup = "–" if r["speedup"] is None else f"{r['speedup']:.2f}×"
+    tokens = f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s_min']:,.0f}–{r['tokens_per_s_max']:,.0f})"
+    return [
+        *cells,
+        tokens,
+        f"{r['spread']:.1%}",
+        speedup,
+        _num(r["tflops"]),
+        _pct(r["mfu"]),
+        _pct(r["mfu_fp8"]),
+        f"{r['step_time_s'] * 1e3:.1f}",
+        "–" if r["busy_fraction"] is None else f"{r['busy_fraction']:.0%} ({r['traced_tokens_per_s']:,.0f})",
+        f"{r['peak_memory_gib']:.2f}",
+        _pct(r["padding_fraction"]),
+        str(r["repeats"]),
+        r.get("reason", ""),
+    ]
+
+
+def clocks_text(clocks: dict[str, float | None] | str) -> str:
+    if isinstance(clocks, str):
+        return clocks
+    mhz = {k: "?" if v is None else f"{v:.0f}" for k, v in clocks.items()}
+    return (
+        f"SM {mhz['sm_mhz']} of max {mhz['sm_max_mhz']} MHz, memory {mhz['memory_mhz']} of max "
+        f"{mhz['memory_max_mhz']} MHz, power limit {mhz['power_limit_w']} W"
+    )
+
+
 def markdown(report: dict[str, Any], heading: str = "#") -> str:
     """The results table with everything needed to read it: hardware, versions, ceilings, set-up and FLOP formula."""
-    meta = report["meta"]
+    meta, dense = report["meta"], report["meta"]["dense_ceiling"].upper()
     ceilings = ", ".join(f"{k.upper()} {_num(v)} TFLOP/s" for k, v in meta["ceilings_tflops"].items())
+    budgets = ", ".join(f"{b:,}" for b in meta["token_budgets"])
+    busy = (
+        "of one more window per variant after the timed ones, traced with torch.profiler (CUDA kernels and copies; "
+        "in brackets that window's tokens/s: tracing slows a host-bound step, so the timed windows are untraced)"
+        if meta["busy_fraction"]
+        else "not measured"
+    )
     lines = [
         f"{heading} ESM-2 pretraining throughput: {meta['gpu']}, {meta['date']}",
         "",
         f"torch {meta['torch']}, TransformerEngine {meta['transformer_engine']}, transformers {meta['transformers']}; "
         f"one {meta['device']}. Matmul ceilings measured in this run ({meta['ceiling_size']}³, median): {ceilings}.",
+        f"Host: {meta['host_cpu']}, {meta['cpu_count']} CPU cores ({meta['cpu_affinity']} usable by this process). "
+        f"GPU after the ceilings: {clocks_text(meta['gpu_clocks'])}.",
         f"Every variant: forward + backward + fused AdamW, {meta['strategy'].upper()} on one device, BF16 compute "
-        f"(FP32 on CPU) with {meta['weights']}, real "
-        f"protein lengths from `{meta['dataset']}`, a capacity of {meta['token_budget']:,} tokens per step (padded: "
-        f"{meta['sequences_per_step']} sequences of up to {meta['max_seq_length']} tokens; packed: "
-        f"{meta['token_budget']:,}-token packs); {meta['warmup_steps']} warm-up, then {meta['timed_steps']} timed "
-        "steps.",
-        f"Model FLOPs (padding excluded): {FLOP_FORMULA}; MFU = TFLOP/s / measured {meta['dense_ceiling'].upper()} "
-        "ceiling (FP8 rows also / FP8 ceiling).",
+        f"(FP32 on CPU), weights as in the row (run's default: {meta['weights']}), real protein lengths from "
+        f"`{meta['dataset']}`, a capacity per step of {budgets} tokens (Tokens/step; padded: that // "
+        f"{meta['max_seq_length']} sequences of up to {meta['max_seq_length']} tokens; packed: packs of that size).",
+        f"Per model and budget every variant is built once and warmed up ({meta['warmup_steps']} steps); then "
+        f"{meta['repeats']} round(s) of one {meta['timed_steps']}-step timed window per variant, interleaved "
+        "(A B C A B C …). Tokens/s: median (min–max) over the windows; Spread = max / min − 1; the other columns "
+        f"are medians. Busy: GPU busy fraction {busy}.",
+        f"Model FLOPs (padding excluded): {FLOP_FORMULA}; MFU = TFLOP/s / measured {dense} ceiling (FP8 rows also / "
+        "FP8 ceiling).",
         "",
-        f"| Model | Variant | Tokens/s/GPU (unpadded) | Speed-up vs {BASELINE} | TFLOP/s | "
-        f"MFU ({meta['dense_ceiling'].upper()}) | MFU (FP8) | Step time (ms) | Peak memory (GiB) | Padding | Notes |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        f"| Model | Tokens/step | Variant | FP8 | Weights | Tokens/s/GPU (unpadded), median (min–max) | Spread | "
+        f"Speed-up vs {BASELINE} | TFLOP/s | MFU ({dense}) | MFU (FP8) | Step time (ms) | Busy | Peak memory (GiB) | "
+        "Padding | Repeats | Notes |",
+        "|---|--:|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
-    for r in report["rows"]:
-        name = short_name(r["model"])
-        if r["status"] != "ok":
-            lines.append(f"| {name} | {r['variant']} | {r['status']} | | | | | | | | {r.get('reason', '')} |")
-            continue
-        speedup = "–" if r["speedup"] is None else f"{r['speedup']:.2f}×"
-        mfu_fp8 = "–" if r["mfu_fp8"] is None else f"{r['mfu_fp8']:.1%}"
-        lines.append(
-            f"| {name} | {r['variant']} | {r['tokens_per_s']:,.0f} | {speedup}"
-            f" | {_num(r['tflops'])} | {r['mfu']:.1%} | {mfu_fp8} | {r['step_time_s'] * 1e3:.1f} "
-            f"| {r['peak_memory_gib']:.2f} | {r['padding_fraction']:.1%} | {r.get('reason', '')} |"
-        )
+    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in report["rows"]]
     return "\n".join(lines) + "\n"
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
-    """Grouped bars of unpadded tokens/s (log axis) per model and variant, labelled with the speed-up."""
+    """Grouped bars of unpadded tokens/s (log axis) per model, budget and variant: median, min–max error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    rows, meta = {(r["model"], r["variant"]): r for r in report["rows"]}, report["meta"]
-    models, variants = list(dict.fromkeys(m for m, _ in rows)), list(dict.fromkeys(v for _, v in rows))
+    rows, meta = {(r["model"], r["token_budget"], r["variant"]): r for r in report["rows"]}, report["meta"]
+    groups, variants = list(dict.fromkeys(k[:2] for k in rows)), list(dict.fromkeys(k[2] for k in rows))
     colors, width = plt.get_cmap("tab10").colors, 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(models) * len(variants) + 2), 5))
-    for i, model_tag in enumerate(models):
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(groups) * len(variants) + 2), 5))
+    for i, group in enumerate(groups):
         for j, variant in enumerate(variants):
-            r, x = rows.get((model_tag, variant)), i + (j - (len(variants) - 1) / 2) * width
+            r, x = rows.get((*group, variant)), i + (j - (len(variants) - 1) / 2) * width
             if r is None:
                 continue
             if r["status"] != "ok":
                 ax.text(x, 0.02, r["status"], transform=ax.get_xaxis_transform(), rotation=90, ha="center", fontsize=7)
                 continue
-            ax.bar(x, r["tokens_per_s"], width * 0.95, color=colors[j % len(colors)])
-            label = f"{r['speedup']:.1f}×" if r.get("speedup") else f"{r['tokens_per_s']:.2g}"
-            ax.text(x, r["tokens_per_s"] * 1.05, label, ha="center", va="bottom", fontsize=7, rotation=90)
-    values = [r["tokens_per_s"] for r in rows.values() if r["status"] == "ok"] or [1.0]
+            median, low, high = r["tokens_per_s"], r["tokens_per_s_min"], r["tokens_per_s_max"]
+            error = [[median - low], [high - median]]
+            ax.bar(x, median, width * 0.95, yerr=error, capsize=2, color=colors[j % len(colors)], ecolor="black")
+            label = f"{r['speedup']:.1f}×" if r.get("speedup") else f"{median:.2g}"
+            ax.text(x, high * 1.05, label, ha="center", va="bottom", fontsize=7, rotation=90)
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    low, high = min([r["tokens_per_s_min"] for r in ok] or [1.0]), max([r["tokens_per_s_max"] for r in ok] or [1.0])
     ax.set_yscale("log")
-    ax.set_ylim(10 ** math.floor(math.log10(min(values) / 2)), max(values) * 6)  # room for the labels
-    ax.set_xlim(-0.5, len(models) - 0.5)
-    ax.set_xticks(range(len(models)), [short_name(m) for m in models])
+    ax.set_ylim(10 ** math.floor(math.log10(low / 2)), high * 6)  # room for the labels
+    ax.set_xlim(-0.5, len(groups) - 0.5)
+    ax.set_xticks(range(len(groups)), [f"{short_name(m)}\n{b:,} tokens/step" for m, b in groups])
     ax.set_ylabel("unpadded tokens/s per GPU (log scale)")
-    ax.set_title(f"ESM-2 training throughput: {meta['gpu']}, {meta['date']}\nbar labels: speed-up vs {BASELINE}")
+    ax.set_title(
+        f"ESM-2 training throughput: {meta['gpu']}, {meta['date']}\nbars: median of {meta['repeats']} interleaved "
+        f"windows, whiskers: min–max; labels: speed-up vs {BASELINE}",
+        fontsize=9,
+    )
     handles = [Patch(color=colors[j % len(colors)], label=v) for j, v in enumerate(variants)]
     ax.legend(handles=handles, fontsize=8, ncol=4, loc="upper left")
     fig.tight_layout()
@@ -454,61 +837,151 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
-    """Measure every configured (model, variant) pair; writes the report after each one, so a cut-off run keeps rows."""
-    bench = cfg.benchmark
-    timed = int(bench.timed_steps)
-    warmup = max(1, math.ceil(int(bench.warmup_steps) / timed)) * timed
-    seq, budget = int(cfg.dataset.max_seq_length), int(bench.token_budget)
-    if timed < 1 or budget < seq:
-        raise ValueError(f"Need timed_steps >= 1 and token_budget ({budget}) >= dataset.max_seq_length ({seq}).")
-    if bench.strategy not in STRATEGIES:
-        raise ValueError(f"benchmark.strategy={bench.strategy!r} must be one of {tuple(STRATEGIES)}.")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    now = datetime.now()
-    meta = {
-        "gpu": gpu,
-        "device": device.type.upper() if device.type == "cpu" else "GPU",
-        "date": now.strftime("%Y-%m-%d %H:%M"),
+def host_cpu() -> dict[str, Any]:
+    """The host CPU model and core counts: below 3B the step is host-bound, so the host is part of the result."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        text = ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "host_cpu": model or platform.processor() or NOT_AVAILABLE,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": usable,
+    }
+
+
+SMI_FIELDS = ("sm_mhz", "sm_max_mhz", "memory_mhz", "memory_max_mhz", "power_limit_w")
+
+
+def parse_nvidia_smi(text: str) -> dict[str, float | None] | str:
+    """`nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit` CSV, as numbers."""
+    lines = text.strip().splitlines()
+    if not lines:
+        return NOT_AVAILABLE
+    values = [re.match(r"\s*(\d+(?:\.\d+)?)", part) for part in lines[0].split(",")]
+    return {key: float(m.group(1)) if m else None for key, m in zip(SMI_FIELDS, values, strict=False)}  # "[N/A]" → None
+
+
+def nvidia_smi_clocks(index: int) -> dict[str, float | None] | str:
+    query = "clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
+    command = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader", "-i", str(index)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:  # no nvidia-smi, or it failed
+        return f"{NOT_AVAILABLE} ({type(exc).__name__})"
+    return parse_nvidia_smi(result.stdout)
+
+
+def gpu_clocks(device: torch.device) -> dict[str, float | None] | str:
+    """SM and memory clocks (current and max, MHz) and the enforced power limit (W): what the ceilings depend on."""
+    if device.type != "cuda":
+        return NOT_AVAILABLE
+    try:
+        index = torch.cuda._get_nvml_device_index(device)  # NVML numbering, with CUDA_VISIBLE_DEVICES applied
+    except Exception:  # device UUIDs in CUDA_VISIBLE_DEVICES need pynvml
+        index = device.index or 0
+    try:
+        import pynvml
+    except ImportError:
+        return nvidia_smi_clocks(index)
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        sm, memory = pynvml.NVML_CLOCK_SM, pynvml.NVML_CLOCK_MEM
+        return {
+            "sm_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, sm)),
+            "sm_max_mhz": float(pynvml.nvmlDeviceGetMaxClockInfo(handle, sm)),
+            "memory_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, memory)),
+            "memory_max_mhz": float(pynvml.nvmlDeviceGetMaxClockInfo(handle, memory)),
+            "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000,  # milliwatts
+        }
+    except pynvml.NVMLError as exc:
+        return f"{NOT_AVAILABLE} ({exc})"
+
+
+def output_dir(bench: DictConfig, device: torch.device) -> Path:
+    """benchmark.output_dir if set; else GPU runs go next to the committed tables, CPU runs under outputs/."""
+    if bench.get("output_dir"):
+        return Path(bench.output_dir)
+    return Path("benchmarks/results" if device.type == "cuda" else "outputs/benchmark")
+
+
+def dumps(report: dict[str, Any]) -> str:
+    """Indented JSON with every list of numbers on one line (the windows' lengths would take a line per number)."""
+    compact: list[str] = []
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list) and all(v is None or isinstance(v, int | float) for v in value):
+            compact.append(json.dumps(value))
+            return f"\0{len(compact) - 1}\0"  # a placeholder string, swapped for the one-line list below
+        return [mark(v) for v in value] if isinstance(value, list) else value
+
+    text = json.dumps(mark(report), indent=2)
+    return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: compact[int(m.group(1))], text)
+
+
+def report_meta(cfg: DictConfig, plan: Plan, device: torch.device) -> dict[str, Any]:
+    """Everything the numbers depend on besides the variant: hardware, clocks, versions, ceilings and the set-up."""
+    size = int(cfg.benchmark.ceiling_size) if device.type == "cuda" else min(int(cfg.benchmark.ceiling_size), 1024)
+    ceilings = matmul_ceilings(device, int(cfg.benchmark.ceiling_size))
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "device": "GPU" if device.type == "cuda" else device.type.upper(),
+        "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
         "transformer_engine": _version("transformer_engine"),
         "transformers": _version("transformers"),
-        "ceiling_size": int(bench.ceiling_size) if device.type == "cuda" else min(int(bench.ceiling_size), 1024),
-        "ceilings_tflops": matmul_ceilings(device, int(bench.ceiling_size)),
+        **host_cpu(),
+        "gpu_clocks": gpu_clocks(device),  # after the ceilings, so the clocks are those of a busy GPU
+        "ceiling_size": size,
+        "ceilings_tflops": ceilings,
         "dense_ceiling": "bf16" if device.type == "cuda" else "fp32",
         "dataset": str(cfg.dataset.path),
-        "token_budget": budget,
-        "max_seq_length": seq,
-        "sequences_per_step": budget // seq,
-        "warmup_steps": warmup,
-        "timed_steps": timed,
-        "strategy": str(bench.strategy),
+        "token_budgets": list(plan.token_budgets),
+        "max_seq_length": int(cfg.dataset.max_seq_length),
+        "warmup_steps": plan.warmup,
+        "timed_steps": plan.timed,
+        "repeats": plan.repeats,
+        "busy_fraction": plan.busy_fraction and device.type == "cuda",
+        "strategy": str(cfg.benchmark.strategy),
         "weights": "FP32 master weights"
         if cfg.use_fp32_master_weights
         else "BF16 weights and optimizer state (use_fp32_master_weights=false)",
         "flop_formula": FLOP_FORMULA,
     }
+
+
+def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
+    """Measure every configured (model, budget, variant), rewriting the report after every window.
+
+    A run that is cut off keeps the windows it finished.
+    """
+    plan = benchmark_plan(cfg)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     release_memory()
-    report: dict[str, Any] = {"meta": meta, "rows": []}
-    out_dir = Path(bench.output_dir)
+    report: dict[str, Any] = {"meta": report_meta(cfg, plan, device), "rows": [], "windows": []}
+    out_dir = output_dir(cfg.benchmark, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = "fp32-master" if cfg.use_fp32_master_weights else "bf16-weights"
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    stem = out_dir / f"benchmark_{slug}_{now:%Y-%m-%d}_{bench.strategy}_{weights}"
-    for model_tag in bench.models:
-        for name in bench.variants:
-            report["rows"].append({"model": model_tag, "variant": name} | measure(cfg, model_tag, name, warmup, timed))
-            release_memory()
-            add_derived(report)
-            r = report["rows"][-1]
-            summary = f"{r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else r.get("reason", "")
-            print(f"[benchmark] {model_tag} {name}: {r['status']} {summary}", flush=True)
-            stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-            stem.with_suffix(".md").write_text(markdown(report))
+    slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["gpu"].lower()).strip("-")
+    stem = out_dir / f"benchmark_{slug}_{report['meta']['date'][:10]}_{cfg.benchmark.strategy}_{weights}"
+
+    def save() -> None:
+        add_derived(report)
+        stem.with_suffix(".json").write_text(dumps(report) + "\n")
+        stem.with_suffix(".md").write_text(markdown(report))
+
+    for model_tag in cfg.benchmark.models:
+        for budget in plan.token_budgets:
+            measure_group(cfg, model_tag, budget, plan, report, save)
+    save()
     chart(report, stem)
-    if bench.get("readme") and device.type == "cuda":
-        update_readme(RECIPE_DIR / bench.readme, markdown(report, heading="###"))
+    if cfg.benchmark.get("readme") and device.type == "cuda":
+        update_readme(RECIPE_DIR / cfg.benchmark.readme, markdown(report, heading="###"))
     print(f"\n{markdown(report)}\nWritten: {stem}.md, .json, .png, .svg", flush=True)
     return report
 

@@ -20,6 +20,10 @@ import torch
 from precision import round_up, token_multiple
 
 IGNORE_INDEX = -100
+# Static packed batches cap a pack at token_budget // this many sequences unless max_sequences_per_pack says otherwise:
+# attention kernels launch work per segment slot, used or not, so every batch pays for the cap (at 650M, 16k tokens,
+# a cap of 128 made the step 12% slower than dynamic packing on an H200); 256 still fits the sample proteome's packs.
+STATIC_TOKENS_PER_SEQUENCE = 256
 CANONICAL_AMINO_ACIDS = "LAGVSERTIDPKQNFYMHWC"  # the 20 standard residues: what a random replacement draws from
 
 
@@ -68,9 +72,10 @@ class MLMMasker:
             **kwargs,
         )
 
-    def rng_for(self, tokens: np.ndarray) -> np.random.Generator:
-        """The random stream of one sequence in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, zlib.crc32(tokens.astype(np.int32).tobytes())])
+    def rng_for(self, tokens: np.ndarray, epoch: int | None = None) -> np.random.Generator:
+        """The random stream of one sequence in `epoch` (default: the masker's current epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        return np.random.default_rng([self.seed, epoch, zlib.crc32(tokens.astype(np.int32).tobytes())])
 
     def crop_tokens(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Keep `<cls>`/`<eos>` and a window of at most `max_seq_length - 2` residues (random or leading)."""
@@ -80,10 +85,14 @@ class MLMMasker:
         start = 1 + (int(rng.integers(0, len(tokens) - 2 - window + 1)) if self.crop == "random" else 0)
         return np.concatenate([tokens[:1], tokens[start : start + window], tokens[-1:]])
 
-    def __call__(self, input_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Return (masked input ids, labels) for one sequence, both int64 of the cropped length."""
+    def __call__(self, input_ids: Sequence[int], epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return (masked input ids, labels) for one sequence in `epoch`, both int64 of the cropped length.
+
+        `epoch` defaults to the masker's own (`set_epoch` of its collator); a sample drawn by the loader carries the
+        epoch it was drawn in, so worker processes that outlive an epoch still mask it as that epoch's.
+        """
         tokens = np.asarray(input_ids, dtype=np.int64)
-        rng = self.rng_for(tokens)
+        rng = self.rng_for(tokens, epoch)
         tokens = self.crop_tokens(tokens, rng)
         maskable = ~np.isin(tokens, self.special_token_ids)
         draws = rng.random((2, len(tokens)))
@@ -119,7 +128,7 @@ class BSHDCollator:
         self.masker.epoch = epoch
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        masked = [self.masker(sample["input_ids"]) for sample in samples]
+        masked = [self.masker(sample["input_ids"], sample.get("epoch")) for sample in samples]
         longest = max(len(ids) for ids, _ in masked)
         length = self.pad_to_length or round_up(longest, self.pad_to_multiple_of)
         input_ids = np.full((len(masked), length), self.pad_token_id, dtype=np.int64)
@@ -143,36 +152,77 @@ class THDCollator:
     their own final segment: they attend only to each other and carry label -100, so they never touch real tokens
     or the loss. An empty list of samples (a rank's filler batch at the end of an epoch) gives a batch of padding
     only, which contributes nothing to the loss or the gradients.
+
+    With `static` set, every batch has the same shapes whatever its sequences, as CUDA graphs need (and as fused
+    attention likes, since its plans are cached per shape): T is always `static.tokens`, the padding is split into
+    segments of at most `static.max_seqlen` tokens, `cu_seqlens` always has `static.segments + 1` entries (the unused
+    ones repeat T: zero-length segments) and `max_seqlen` is always `static.max_seqlen`.
     """
 
-    def __init__(self, masker: MLMMasker, pad_token_id: int, token_multiple: int = 8) -> None:
+    def __init__(
+        self, masker: MLMMasker, pad_token_id: int, token_multiple: int = 8, static: StaticPacking | None = None
+    ) -> None:
         if token_multiple < 1:
             raise ValueError(f"token_multiple={token_multiple} must be at least 1.")
         self.masker = masker
         self.pad_token_id = pad_token_id
         self.token_multiple = token_multiple
+        self.static = static
 
     def set_epoch(self, epoch: int) -> None:
         self.masker.epoch = epoch
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        masked = [self.masker(sample["input_ids"]) for sample in samples]
+        masked = [self.masker(sample["input_ids"], sample.get("epoch")) for sample in samples]
         lengths = [len(ids) for ids, _ in masked]
         total = sum(lengths)
-        padding = round_up(max(total, 1), self.token_multiple) - total
-        if padding:
-            lengths.append(padding)
+        if self.static is None:
+            padding = [round_up(max(total, 1), self.token_multiple) - total]
+        else:
+            padding = self.static.padding_segments(len(lengths), total)
+        for size in (size for size in padding if size):
+            lengths.append(size)
             masked.append(
-                (np.full(padding, self.pad_token_id, dtype=np.int64), np.full(padding, IGNORE_INDEX, dtype=np.int64))
+                (np.full(size, self.pad_token_id, dtype=np.int64), np.full(size, IGNORE_INDEX, dtype=np.int64))
             )
-        cu_seqlens = np.zeros(len(lengths) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=cu_seqlens[1:])
+        entries = len(lengths) + 1 if self.static is None else self.static.segments + 1
+        cu_seqlens = np.full(entries, sum(lengths), dtype=np.int32)
+        cu_seqlens[0] = 0
+        np.cumsum(lengths, out=cu_seqlens[1 : len(lengths) + 1])
         return {
             "input_ids": torch.from_numpy(np.concatenate([ids for ids, _ in masked])).unsqueeze(0),
             "labels": torch.from_numpy(np.concatenate([labels for _, labels in masked])).unsqueeze(0),
             "cu_seqlens": torch.from_numpy(cu_seqlens),
-            "max_seqlen": max(lengths),
+            "max_seqlen": max(lengths) if self.static is None else self.static.max_seqlen,
         }
+
+
+@dataclass(frozen=True)
+class StaticPacking:
+    """The fixed shapes of static packed batches.
+
+    `tokens` per batch, at most `max_sequences` real sequences and segments of at most `max_seqlen` tokens, so
+    `segments` bounds the real plus the padding segments.
+    """
+
+    tokens: int
+    max_sequences: int
+    max_seqlen: int
+
+    @property
+    def segments(self) -> int:
+        return self.max_sequences + -(-self.tokens // self.max_seqlen)
+
+    def padding_segments(self, sequences: int, total: int) -> list[int]:
+        """Sizes of the padding segments that fill a pack of `sequences` sequences and `total` tokens."""
+        if sequences > self.max_sequences or total > self.tokens:
+            raise ValueError(
+                f"A pack of {sequences} sequences and {total} tokens exceeds the static shape ({self.max_sequences} "
+                f"sequences, {self.tokens} tokens): the packer and the collator disagree."
+            )
+        padding = self.tokens - total
+        full, rest = divmod(padding, self.max_seqlen)
+        return [self.max_seqlen] * full + ([rest] if rest else [])
 
 
 class BatchLayoutError(ValueError):
@@ -185,7 +235,9 @@ class BatchLayout:
 
     `packed`: THD token streams of `token_budget` tokens (`use_sequence_packing`), else padded BSHD rows.
     `token_multiple`: what the precision needs of a micro-batch's token count (precision.py); padded rows are padded
-    to `pad_multiple` (that and `dataset.pad_to_multiple_of`), or to `pad_to_length` when set.
+    to `pad_multiple` (that and `dataset.pad_to_multiple_of`), or to `pad_to_length` when set. `static`: the fixed
+    shapes of packed batches (`static_shapes`, or `cuda_graphs`), else None; `max_sequences` caps the sequences of a
+    pack (None: no cap).
     """
 
     packed: bool
@@ -194,6 +246,8 @@ class BatchLayout:
     token_budget: int
     pad_multiple: int
     pad_to_length: int | None
+    static: StaticPacking | None = None
+    max_sequences: int | None = None
 
     @property
     def attn_input_format(self) -> str:
@@ -212,13 +266,20 @@ class BatchLayout:
                 f"precision) cannot hold one sequence of dataset.max_seq_length={data.max_seq_length}. Raise "
                 "token_micro_batch_size or lower dataset.max_seq_length."
             )
+        packed, static = bool(cfg.use_sequence_packing), None
+        max_sequences = int(cfg.max_sequences_per_pack) if cfg.max_sequences_per_pack else None
+        if packed and (cfg.static_shapes or cfg.cuda_graphs):
+            max_sequences = max_sequences or max(1, budget // STATIC_TOKENS_PER_SEQUENCE)
+            static = StaticPacking(tokens=budget, max_sequences=max_sequences, max_seqlen=int(data.max_seq_length))
         return cls(
-            packed=bool(cfg.use_sequence_packing),
+            packed=packed,
             max_seq_length=int(data.max_seq_length),
             token_multiple=multiple,
             token_budget=budget,
             pad_multiple=math.lcm(int(data.pad_to_multiple_of), multiple),
             pad_to_length=int(data.max_seq_length) if data.pad_to_max_length else None,
+            static=static,
+            max_sequences=max_sequences if packed else None,
         )
 
 
@@ -232,5 +293,5 @@ def build_collator(data_cfg: Any, layout: BatchLayout, tokenizer: Any, seed: int
         seed=seed,
     )
     if layout.packed:
-        return THDCollator(masker, tokenizer.pad_token_id, layout.token_multiple)
+        return THDCollator(masker, tokenizer.pad_token_id, layout.token_multiple, layout.static)
     return BSHDCollator(masker, tokenizer.pad_token_id, layout.pad_multiple, layout.pad_to_length)

@@ -35,6 +35,7 @@ class StrategyRules(Protocol):
     name: str
     needs_cuda: bool
     compiles: bool
+    graphs: bool
     inert_keys: tuple[str, ...]
 
 
@@ -97,6 +98,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("use_sequence_packing", _bool, "must be true or false"),
     ("use_fp32_master_weights", _bool, "must be true or false"),
     ("fp32_residual_connection", _bool, "must be true or false"),
+    ("static_shapes", _bool, "must be true or false"),
+    ("cuda_graphs", _bool, "must be true or false"),
+    ("max_sequences_per_pack", _optional(_positive_int), "must be a positive integer, or null"),
     ("seed", _non_negative_int, "must be a non-negative integer"),
     ("dataset.micro_batch_size", _positive_int, "must be a positive integer"),
     ("dataset.pad_to_multiple_of", _positive_int, "must be a positive integer"),
@@ -205,6 +209,33 @@ def _strategy_problems(cfg: DictConfig, strategy: StrategyRules) -> list[str]:
     return problems
 
 
+def _static_shape_problems(cfg: DictConfig, use_te: bool, strategy: StrategyRules) -> list[str]:
+    """Static packed shapes and CUDA graphs: what they need of the batches, the model and the strategy."""
+    import torch
+
+    problems = []
+    for key in ("static_shapes", "cuda_graphs"):
+        if cfg[key] is True and not cfg.use_sequence_packing:
+            problems.append(
+                f"{key}=true needs use_sequence_packing=true (packed THD batches of a fixed token count); padded "
+                "batches vary in shape, or waste compute with dataset.pad_to_max_length=true"
+            )
+    if cfg.cuda_graphs is not True:
+        return problems
+    entrypoint = f"train_{strategy.name}.py"
+    if not strategy.graphs:
+        problems.append(
+            f"cuda_graphs=true is not supported by {entrypoint} (a sharding strategy gathers each layer's weights "
+            "into new memory every step, which a captured graph cannot follow); use train_ddp.py, on one GPU or "
+            "many"
+        )
+    if not (use_te and torch.cuda.is_available()):
+        problems.append("cuda_graphs=true needs the TransformerEngine model on a GPU (use_te=auto|true on a GPU host)")
+    if cfg.use_torch_compile:
+        problems.append("cuda_graphs=true and use_torch_compile=true exclude each other; pick one")
+    return problems
+
+
 def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool, strategy: StrategyRules) -> None:
     """Raise `ConfigError` naming every unusable value (and its fix) before any data or model is built."""
     missing = list(missing_keys(cfg))
@@ -224,6 +255,7 @@ def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool, stra
     problems += _model_problems(cfg, model_config)
     problems += precision_problems(cfg, use_te)
     problems += _strategy_problems(cfg, strategy)
+    problems += _static_shape_problems(cfg, use_te, strategy)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 

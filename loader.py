@@ -25,12 +25,17 @@ from dataset import DataConfigError, load_sequence_splits, sequence_lengths, sha
 from distributed import DistributedContext, ignore_stop_signals, main_process_first
 
 
-def pack_by_token_budget(items: Iterable[tuple[Any, int]], token_budget: int) -> Iterator[list[Any]]:
-    """Greedily group (item, length) pairs, in order, into packs whose lengths sum to at most `token_budget`."""
+def pack_by_token_budget(
+    items: Iterable[tuple[Any, int]], token_budget: int, max_items: int | None = None
+) -> Iterator[list[Any]]:
+    """Greedily group (item, length) pairs, in order, into packs of at most `token_budget` tokens.
+
+    With `max_items`, a pack also closes once it holds that many items.
+    """
     pack: list[Any] = []
     used = 0
     for item, length in items:
-        if pack and used + length > token_budget:
+        if pack and (used + length > token_budget or len(pack) == max_items):
             yield pack
             pack, used = [], 0
         pack.append(item)
@@ -58,11 +63,13 @@ class PackedBatchSampler:
         world_size: int,
         seed: int,
         shuffle: bool = True,
+        max_sequences: int | None = None,
     ) -> None:
         if max_seq_length > token_budget:
             raise ValueError(f"token_budget={token_budget} is below max_seq_length={max_seq_length}.")
         self.lengths = np.minimum(np.asarray(lengths), max_seq_length)
         self.token_budget, self.rank, self.world_size = token_budget, rank, world_size
+        self.max_sequences = max_sequences
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.start = 0, 0
 
@@ -78,7 +85,8 @@ class PackedBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.permutation()
-        packs = pack_by_token_budget(zip(order.tolist(), self.lengths[order].tolist(), strict=True), self.token_budget)
+        items = zip(order.tolist(), self.lengths[order].tolist(), strict=True)
+        packs = pack_by_token_budget(items, self.token_budget, self.max_sequences)
         index = -1
         for index, pack in enumerate(packs):
             if index >= self.start and (index - self.start) % self.world_size == self.rank:
@@ -96,10 +104,11 @@ class PackedStream(torch.utils.data.IterableDataset):
     contents are not saved by `datasets`).
     """
 
-    def __init__(self, source: Any, token_budget: int, max_seq_length: int) -> None:
+    def __init__(self, source: Any, token_budget: int, max_seq_length: int, max_sequences: int | None = None) -> None:
         if max_seq_length > token_budget:
             raise ValueError(f"token_budget={token_budget} is below max_seq_length={max_seq_length}.")
         self.source, self.token_budget, self.max_seq_length = source, token_budget, max_seq_length
+        self.max_sequences = max_sequences
         self._carry: list[dict[str, Any]] = []
 
     def set_epoch(self, epoch: int) -> None:
@@ -113,7 +122,8 @@ class PackedStream(torch.utils.data.IterableDataset):
                 pending.append(sample)
                 yield sample, min(len(sample["input_ids"]), self.max_seq_length)
 
-        for pack in pack_by_token_budget(drawn(itertools.chain(self._carry, self.source)), self.token_budget):
+        samples = drawn(itertools.chain(self._carry, self.source))
+        for pack in pack_by_token_budget(samples, self.token_budget, self.max_sequences):
             del pending[: len(pack)]
             self._carry = list(pending)  # the sample that overflowed this pack opens the next one
             yield pack
@@ -162,6 +172,43 @@ class GlobalShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         end = self.start + len(self) * self.world_size
         return iter(self.permutation()[self.start + self.rank : end : self.world_size].tolist())
+
+
+class EpochTagged:
+    """A sampler (or batch sampler) whose every index carries the epoch it was drawn in, as (epoch, index).
+
+    The sampler runs in the main process, so its epoch is always current; the tag takes that epoch to the worker
+    processes, which then need not be re-forked at every epoch to learn it (`persistent_workers`).
+    """
+
+    def __init__(self, sampler: GlobalShuffleSampler | PackedBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.sampler.epoch
+        for item in self.sampler:
+            yield [(epoch, index) for index in item] if isinstance(item, list) else (epoch, item)
+
+
+class EpochTaggedDataset(torch.utils.data.Dataset):
+    """A map-style dataset read with `EpochTagged` keys: each record comes back with its `epoch`."""
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        return {**self.dataset[index], "epoch": epoch}
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        rows = self.dataset.__getitems__([index for _, index in keys]) if keys else []
+        return [{**row, "epoch": epoch} for row, (epoch, _) in zip(rows, keys, strict=True)]
 
 
 class EpochLoader:
@@ -268,22 +315,40 @@ def _stateful_loader(*args: Any, **kwargs: Any) -> StatefulDataLoader:
     return loader
 
 
-def _loader_kwargs(data_cfg: Any, context: DistributedContext) -> dict[str, Any]:
+def _init_worker(worker_id: int) -> None:
+    """Set up a DataLoader worker: one intra-op thread, and stop signals left to the main process.
+
+    A worker inherits the main process's thread count; a few such workers would take every core that the training
+    step's own Python thread needs. See `ignore_stop_signals` for the signals.
+    """
+    torch.set_num_threads(1)
+    ignore_stop_signals(worker_id)
+
+
+def _loader_kwargs(data_cfg: Any, context: DistributedContext, persistent: bool) -> dict[str, Any]:
+    """DataLoader settings; `persistent` workers outlive an epoch (map-style data: its samples carry their epoch).
+
+    Streaming data is read inside the workers, which must be re-forked at each epoch to see its new shuffle.
+    """
     workers = int(data_cfg.num_workers)
     return {
         "num_workers": workers,
         "pin_memory": context.uses_cuda,
         "prefetch_factor": int(data_cfg.prefetch_factor) if workers > 0 else None,
-        "persistent_workers": False,  # workers must be re-forked each epoch to pick up the epoch's masking seed
-        "worker_init_fn": ignore_stop_signals if workers > 0 else None,
+        "persistent_workers": persistent and workers > 0,
+        "worker_init_fn": _init_worker if workers > 0 else None,
     }
 
 
 def _map_style_loader(
     cfg: Any, layout: BatchLayout, ds: datasets.Dataset, context: DistributedContext, collator: Any, shuffle: bool
 ) -> tuple[StatefulDataLoader, GlobalShuffleSampler | PackedBatchSampler, int]:
-    """A loader over this rank's share of `ds`: padded batches of micro_batch_size, or token-budget packs."""
-    kwargs = _loader_kwargs(cfg.dataset, context)
+    """A loader over this rank's share of `ds`: padded batches of micro_batch_size, or token-budget packs.
+
+    Its workers persist across epochs: every index is drawn with its epoch (`EpochTagged`), for the masking seed.
+    """
+    kwargs = _loader_kwargs(cfg.dataset, context, persistent=True)
+    tagged = EpochTaggedDataset(ds)
     if layout.packed:
         sampler = PackedBatchSampler(
             sequence_lengths(ds),
@@ -293,12 +358,14 @@ def _map_style_loader(
             context.world_size,
             cfg.seed,
             shuffle=shuffle,
+            max_sequences=layout.max_sequences,
         )
-        return _stateful_loader(ds, batch_sampler=sampler, collate_fn=collator, **kwargs), sampler, 1
+        loader = _stateful_loader(tagged, batch_sampler=EpochTagged(sampler), collate_fn=collator, **kwargs)
+        return loader, sampler, 1
     sampler = GlobalShuffleSampler(len(ds), context.rank, context.world_size, cfg.seed, shuffle=shuffle)
     batch_size = int(cfg.dataset.micro_batch_size)
     loader = _stateful_loader(
-        ds, batch_size=batch_size, sampler=sampler, drop_last=shuffle, collate_fn=collator, **kwargs
+        tagged, batch_size=batch_size, sampler=EpochTagged(sampler), drop_last=shuffle, collate_fn=collator, **kwargs
     )
     return loader, sampler, batch_size
 
@@ -309,9 +376,9 @@ def _streaming_stream(
     data_cfg = cfg.dataset
     source = shard_streaming(train, context.rank, context.world_size, cfg.seed, int(data_cfg.shuffle_buffer_size))
     source = source.with_format("python")
-    kwargs = _loader_kwargs(data_cfg, context)
+    kwargs = _loader_kwargs(data_cfg, context, persistent=False)
     if layout.packed:
-        source = PackedStream(source, layout.token_budget, layout.max_seq_length)
+        source = PackedStream(source, layout.token_budget, layout.max_seq_length, layout.max_sequences)
         loader = _stateful_loader(source, batch_size=None, collate_fn=collator, **kwargs)
     else:
         loader = _stateful_loader(source, batch_size=int(data_cfg.micro_batch_size), collate_fn=collator, **kwargs)

@@ -163,6 +163,25 @@ def compile_transformer_layers(model: nn.Module) -> None:
         layer.compile()
 
 
+def capture_cuda_graphs(model: nn.Module, static: Any, compute_dtype: torch.dtype) -> None:
+    """Capture the TE model's layers in CUDA graphs for `static` (collator.StaticPacking) batch shapes.
+
+    Capture runs under `compute_dtype` autocast when the weights are kept in another dtype (FP32 master weights), as
+    the training forward does. Call it on the final, unwrapped model before the optimizer exists: the graphs hold
+    the addresses of the weights and gradients.
+    """
+    weights_dtype = model.esm.embeddings.word_embeddings.weight.dtype
+    autocast_dtype = compute_dtype if weights_dtype != compute_dtype else None
+    model.make_cuda_graphs(static.tokens, static.segments, static.max_seqlen, autocast_dtype)
+    logger.info(
+        "CUDA graphs captured for %d layers: batches of %d tokens, %d segments, max_seqlen %d.",
+        len(transformer_layers(model)),
+        static.tokens,
+        static.segments,
+        static.max_seqlen,
+    )
+
+
 class MaskedLMTuple(NamedTuple):
     """The model's output as a tuple: `.loss` and `.logits` read as on transformers' `MaskedLMOutput`."""
 

@@ -247,6 +247,29 @@ class EsmTransformerLayer(te.TransformerLayer):
         return F.dropout(tensor, p=self.hidden_dropout, training=self.training)
 
 
+class StaticShapeLayer(nn.Module):
+    """A transformer layer called with tensors only, as CUDA-graph capture needs.
+
+    Its inputs are the packed hidden states, the rotary table and ``cu_seqlens``; the fixed ``max_seqlen`` of static
+    batches is an attribute.
+    """
+
+    def __init__(self, layer: nn.Module, max_seqlen: int) -> None:
+        super().__init__()
+        self.layer, self.max_seqlen = layer, max_seqlen
+
+    def forward(self, hidden_states: torch.Tensor, rotary: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.layer(
+            hidden_states,
+            attention_mask=None,
+            rotary_pos_emb=rotary,
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
+
+
 class NVEsmEncoder(nn.Module):
     """The ``te.TransformerLayer`` stack and ESM-2's final LayerNorm; FP8 applies inside this module only."""
 
@@ -289,18 +312,43 @@ class NVEsmEncoder(nn.Module):
 
     def _layer_precision(self, layer_number: int) -> AbstractContextManager:
         """Turn FP8 off for layers outside ``config.fp8_layers`` (e.g. the first and last layers)."""
-        if self.fp8_recipe is not None and self.fp8_layers is not None and layer_number not in self.fp8_layers:
+        if self.fp8_recipe is not None and not self.layer_uses_fp8(layer_number):
             return te.autocast(enabled=False, recipe=self.fp8_recipe)
         return nullcontext()
 
+    def layer_uses_fp8(self, layer_number: int) -> bool:
+        return self.fp8_recipe is not None and (self.fp8_layers is None or layer_number in self.fp8_layers)
+
+    def make_cuda_graphs(self, sample_args: tuple[tuple[torch.Tensor, ...], ...], max_seqlen: int) -> None:
+        """Capture each layer's training forward and backward in CUDA graphs (TE's ``make_graphed_callables``).
+
+        ``sample_args`` holds (input, rotary table, cu_seqlens) per layer. Training forwards of packed batches shaped
+        like them then replay the graphs, FP8 scaling state included; eval-mode forwards run the layers eagerly.
+        Parameters must not be replaced afterwards.
+        """
+        graphed = [StaticShapeLayer(layer, max_seqlen) for layer in self.layers]
+        te.make_graphed_callables(
+            tuple(graphed),
+            sample_args,
+            enabled=tuple(self.layer_uses_fp8(layer.layer_number) for layer in self.layers),
+            recipe=self.fp8_recipe,
+            amax_reduction_group=self.fp8_group,
+        )
+        self.__dict__["graphed_layers"] = graphed  # not submodules: the state dict keeps the layers' own names
+
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
+        graphed = self.__dict__.get("graphed_layers") if self.training else None
         with te.autocast(
             enabled=self.fp8_recipe is not None, recipe=self.fp8_recipe, amax_reduction_group=self.fp8_group
         ):
-            for layer in self.layers:
+            for index, layer in enumerate(self.layers):
                 with self._layer_precision(layer.layer_number):
-                    hidden_states = layer(hidden_states, **layer_kwargs)
+                    if graphed is None:
+                        hidden_states = layer(hidden_states, **layer_kwargs)
+                    else:
+                        rotary, cu_seqlens = layer_kwargs["rotary_pos_emb"], layer_kwargs["cu_seqlens_q"]
+                        hidden_states = graphed[index](hidden_states, rotary, cu_seqlens)
         final_norm = self.emb_layer_norm_after
         if not torch.is_autocast_enabled():  # an FP32 residual stream meets BF16 weights
             hidden_states = hidden_states.to(final_norm.weight.dtype)
@@ -419,6 +467,37 @@ class NVEsmForMaskedLM(nn.Module):
         """
         self.esm.encoder.fp8_recipe = recipe
         self.esm.encoder.fp8_group = fp8_group
+
+    def make_cuda_graphs(self, tokens: int, segments: int, max_seqlen: int, autocast_dtype: torch.dtype | None) -> None:
+        """Graph the transformer layers for packed batches of one static shape (collator.StaticPacking).
+
+        ``tokens`` per batch, ``segments`` entries of ``cu_seqlens`` minus one, ``max_seqlen`` fixed; capture runs
+        under ``autocast_dtype`` autocast (as the training forward does; None: none) on random inputs, and leaves
+        the weights, the gradients and TE's FP8 scaling state as they were.
+        """
+        if self.config.attn_input_format != "thd":
+            raise ValueError("CUDA graphs need packed (thd) batches of a static shape; build the model with 'thd'")
+        weight = self.esm.embeddings.word_embeddings.weight
+        bounds = torch.linspace(0, tokens, min(segments, -(-tokens // max_seqlen)) + 1).round().to(torch.int32)
+        cu_seqlens = torch.full((segments + 1,), tokens, dtype=torch.int32)
+        cu_seqlens[: len(bounds)] = bounds
+        cu_seqlens = cu_seqlens.to(weight.device)
+        rotary = self.esm.rotary_embeddings(max_seqlen)
+        # What each layer is given in training: the embeddings' output, then the previous layer's (the compute dtype,
+        # or FP32 with an FP32 residual stream).
+        between = torch.float32 if self.config.fp32_residual_connection else (autocast_dtype or weight.dtype)
+        dtypes = [weight.dtype] + [between] * (self.config.num_hidden_layers - 1)
+        sample_args = tuple(
+            (
+                torch.randn(tokens, self.config.hidden_size, device=weight.device, dtype=dtype, requires_grad=True),
+                rotary,
+                cu_seqlens,
+            )
+            for dtype in dtypes
+        )
+        context = torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False) if autocast_dtype else nullcontext()
+        with context:
+            self.esm.encoder.make_cuda_graphs(sample_args, max_seqlen)
 
     @torch.no_grad()
     def init_weights(self) -> None:

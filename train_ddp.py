@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import DistributedStateDict
-from model import build_model, compile_transformer_layers
+from model import build_model, capture_cuda_graphs, compile_transformer_layers
 from training import Run, Strategy, run
 
 
@@ -54,7 +54,7 @@ def bf16_autocast(device: torch.device) -> AbstractContextManager:
 
 
 def build_replicated_model(run: Run) -> DistributedDataParallel:
-    """The model built in place on this rank's device, compiled if asked, replicated.
+    """The model built in place on this rank's device, compiled or CUDA-graphed if asked, replicated.
 
     A full replica lives on every rank anyway, so there is no meta device. The plain module stays reachable as
     `.module` (export unwraps it).
@@ -65,6 +65,8 @@ def build_replicated_model(run: Run) -> DistributedDataParallel:
     )
     if cfg.use_torch_compile:
         compile_transformer_layers(model)
+    if cfg.cuda_graphs:
+        capture_cuda_graphs(model, run.layout.static, torch.bfloat16)
     return apply_ddp(model, device)
 
 
@@ -74,6 +76,7 @@ STRATEGY = Strategy(
     state_dict=DistributedStateDict(),  # replicated state, saved once through DCP: resumes on any number of ranks
     grad_sync=ddp_grad_sync,
     forward_context=bf16_autocast,
+    graphs=True,
     inert_keys=("use_meta_device", "fsdp", "mfsdp"),
 )
 

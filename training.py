@@ -70,8 +70,9 @@ class Strategy:
     `grad_sync(model, sync)` skips gradient reduction on accumulation micro-batches (`sync=False`);
     `forward_context(device)` is the precision context around each forward; `clip_grads(model, max_norm)` clips by
     the global norm and returns it; `state_dict` presents model and optimizer state to DCP and the export.
-    `needs_cuda` and `compiles` are checked at start-up; `inert_keys` are configuration keys (or sections) this
-    strategy does not read: one changed from its default is named once in the log.
+    `needs_cuda`, `compiles` and `graphs` (can run `cuda_graphs`) are checked at start-up; `inert_keys` are
+    configuration keys (or sections) this strategy does not read: one changed from its default is named once in
+    the log.
     """
 
     name: str
@@ -83,6 +84,7 @@ class Strategy:
     clip_grads: Callable[[nn.Module, float], torch.Tensor] = clip_grad_norm_
     needs_cuda: bool = False
     compiles: bool = True
+    graphs: bool = False
     inert_keys: tuple[str, ...] = ()
 
 

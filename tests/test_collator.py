@@ -14,6 +14,7 @@ from collator import (
     BatchLayoutError,
     BSHDCollator,
     MLMMasker,
+    StaticPacking,
     THDCollator,
     build_collator,
 )
@@ -168,6 +169,59 @@ def test_thd_collator_layout_and_padding(tokenizer, recipe, lengths):
     assert (ids[padding] == tokenizer.pad_token_id).all() and (labels[padding] == IGNORE_INDEX).all()
     if total % multiple:
         assert len(seqlens) == len(lengths) + 1  # the padding is its own segment
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(3, 256), min_size=0, max_size=12),
+    max_seqlen=st.sampled_from([64, 128, 256]),
+    spare_slots=st.integers(0, 5),
+)
+def test_static_packing_carries_todays_sequences_labels_and_loss_weights(tokenizer, lengths, max_seqlen, spare_slots):
+    """A static batch holds exactly the dynamic batch's sequences and labels, in fixed shapes TE can attend over."""
+    lengths = [min(n, max_seqlen) for n in lengths]
+    tokens = round_up_to(max(sum(lengths), 1), 16) + 16 * spare_slots
+    static = StaticPacking(tokens=tokens, max_sequences=len(lengths) + spare_slots, max_seqlen=max_seqlen)
+    samples = [{"input_ids": fake_tokens(n, i)} for i, n in enumerate(lengths)]
+    masker = make_masker(tokenizer, max_seq_length=max_seqlen, seed=4)
+    dynamic = THDCollator(masker, tokenizer.pad_token_id, 16)(samples)
+    fixed = THDCollator(masker, tokenizer.pad_token_id, 16, static)(samples)
+
+    assert fixed["input_ids"].shape == fixed["labels"].shape == (1, tokens)
+    assert fixed["cu_seqlens"].shape == (static.segments + 1,) and fixed["cu_seqlens"].dtype == torch.int32
+    assert fixed["max_seqlen"] == max_seqlen
+    seqlens = torch.diff(fixed["cu_seqlens"]).tolist()
+    assert seqlens[: len(lengths)] == lengths and all(0 <= n <= max_seqlen for n in seqlens)
+    assert fixed["cu_seqlens"][-1] == tokens and sum(seqlens) == tokens
+    total = sum(lengths)
+    torch.testing.assert_close(fixed["input_ids"][0, :total], dynamic["input_ids"][0, :total])
+    torch.testing.assert_close(fixed["labels"][0, :total], dynamic["labels"][0, :total])
+    assert (fixed["input_ids"][0, total:] == tokenizer.pad_token_id).all()
+    assert (fixed["labels"][0, total:] == IGNORE_INDEX).all()  # padding weighs nothing in the loss
+    assert int((fixed["labels"] != IGNORE_INDEX).sum()) == int((dynamic["labels"] != IGNORE_INDEX).sum())
+    assert seqlens[len(lengths) :] == sorted(seqlens[len(lengths) :], reverse=True)  # padding, then empty slots
+
+
+def round_up_to(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+def test_static_packing_refuses_a_pack_beyond_its_shape(tokenizer):
+    static = StaticPacking(tokens=64, max_sequences=2, max_seqlen=32)
+    collator = THDCollator(make_masker(tokenizer, max_seq_length=32), tokenizer.pad_token_id, 16, static)
+    with pytest.raises(ValueError, match="3 sequences and 30 tokens exceeds the static shape"):
+        collator([{"input_ids": fake_tokens(10, i)} for i in range(3)])
+
+
+def test_static_layout_comes_from_static_shapes_or_cuda_graphs():
+    base = ["use_sequence_packing=true", "token_micro_batch_size=4096", "dataset.max_seq_length=512"]
+    assert BatchLayout.from_config(compose("L0_sanity", base)).static is None
+    layout = BatchLayout.from_config(compose("L0_sanity", [*base, "static_shapes=true"]))
+    assert layout.static == StaticPacking(tokens=4096, max_sequences=4096 // 256, max_seqlen=512)
+    assert layout.static.segments == 16 + 8 and layout.max_sequences == 16
+    graphs = BatchLayout.from_config(compose("L0_sanity", [*base, "cuda_graphs=true", "max_sequences_per_pack=20"]))
+    assert graphs.static == StaticPacking(tokens=4096, max_sequences=20, max_seqlen=512)
+    assert BatchLayout.from_config(compose("L0_sanity", [*base, "max_sequences_per_pack=5"])).max_sequences == 5
 
 
 def test_packed_and_padded_batches_carry_the_same_tokens_and_labels(tokenizer):

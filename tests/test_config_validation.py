@@ -1,6 +1,7 @@
 """The start-up gate: every unusable value named with its fix, all at once, before any data or model is built."""
 
 import pytest
+import torch
 from conftest import compose
 
 import train_ddp
@@ -108,3 +109,40 @@ def test_unknown_recipe_and_reference_model_packing_are_refused():
     message = str(error.value)
     assert "use_sequence_packing=true needs the TransformerEngine model" in message and "use_te" in message
     assert "fp8_config.recipe='Float4Magic' is not one of" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "strategy", "messages"),
+    [
+        (["static_shapes=true"], train_ddp.STRATEGY, ["static_shapes=true needs use_sequence_packing=true"]),
+        (["max_sequences_per_pack=0"], train_ddp.STRATEGY, ["max_sequences_per_pack=0: must be a positive integer"]),
+        (
+            ["cuda_graphs=true", "use_sequence_packing=true", "use_torch_compile=true"],
+            train_fsdp2.STRATEGY,
+            [
+                "cuda_graphs=true is not supported by train_fsdp2.py",
+                "use train_ddp.py",
+                "cuda_graphs=true and use_torch_compile=true exclude each other",
+            ],
+        ),
+        (["cuda_graphs=true"], train_ddp.STRATEGY, ["cuda_graphs=true needs use_sequence_packing=true"]),
+    ],
+)
+def test_static_shapes_and_cuda_graphs_are_refused_where_they_cannot_work(overrides, strategy, messages):
+    with pytest.raises(ConfigError) as error:
+        validate(compose("L0_sanity", overrides), use_te=True, strategy=strategy)
+    for message in messages:
+        assert message in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without a GPU")
+def test_cuda_graphs_need_a_gpu():
+    cfg = compose("L0_sanity", ["cuda_graphs=true", "use_sequence_packing=true"])
+    with pytest.raises(ConfigError, match="cuda_graphs=true needs the TransformerEngine model on a GPU"):
+        validate(cfg, use_te=False, strategy=train_ddp.STRATEGY)
+
+
+def test_megatron_fsdp_refuses_cuda_graphs():
+    cfg = compose("L0_sanity", ["cuda_graphs=true", "use_sequence_packing=true"])
+    with pytest.raises(ConfigError, match=r"cuda_graphs=true is not supported by train_mfsdp\.py"):
+        validate(cfg, use_te=True, strategy=train_mfsdp.STRATEGY)

@@ -1,6 +1,7 @@
 """Samplers, token-budget packing and the epoch loader: property tests over random length distributions, resumes."""
 
 import itertools
+import multiprocessing
 
 import datasets
 import numpy as np
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from collator import BatchLayout, MLMMasker, THDCollator
+from collator import BatchLayout, MLMMasker, THDCollator, build_collator
 from dataset import DataConfigError
 from distributed import DistributedContext
 from loader import (
@@ -85,6 +86,23 @@ def test_pack_by_token_budget_keeps_order_and_budget(lengths, budget):
         assert sum(capped[i] for i in pack) + capped[following[0]] > budget
 
 
+@settings(max_examples=30, deadline=None)
+@given(lengths=lengths_strategy, budget=st.integers(128, 1024), cap=st.integers(1, 12), world_size=st.integers(1, 3))
+def test_packs_respect_a_sequence_cap_and_still_use_every_sequence_once(lengths, budget, cap, world_size):
+    per_rank = []
+    for rank in range(world_size):
+        sampler = PackedBatchSampler(np.array(lengths), budget, 128, rank, world_size, seed=3, max_sequences=cap)
+        per_rank.append(list(sampler))
+    packs = [pack for packs in per_rank for pack in packs]
+    assert sorted(i for pack in packs for i in pack) == list(range(len(lengths)))
+    assert all(len(pack) <= cap and sum(min(lengths[i], 128) for i in pack) <= budget for pack in packs)
+    # greedy under both limits: a pack closed below the cap could not take the next sequence
+    flat = list(pack_by_token_budget(((i, min(n, 128)) for i, n in enumerate(lengths)), budget, cap))
+    for pack, following in itertools.pairwise(flat):
+        used = sum(min(lengths[i], 128) for i in pack)
+        assert len(pack) == cap or used + min(lengths[following[0]], 128) > budget
+
+
 def streaming_source(lengths):
     records = [{"input_ids": fake_tokens(n, i)} for i, n in enumerate(lengths)]
     return datasets.Dataset.from_list(records).to_iterable_dataset(num_shards=1)
@@ -152,6 +170,35 @@ def test_packed_training_stream_resumes_mid_epoch(tokenizer):
         torch.testing.assert_close(actual["labels"], expected["labels"])
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_static_shape_stream_gives_one_shape_for_a_whole_epoch_of_real_data(tokenizer, streaming):
+    """Every batch of the sample proteome, the last and a rank's filler included, has the same three shapes."""
+    cfg = compose(
+        "L0_sanity",
+        [
+            "use_sequence_packing=true",
+            "static_shapes=true",
+            "max_sequences_per_pack=24",
+            "token_micro_batch_size=8192",
+            "dataset.max_seq_length=1024",
+            "dataset.num_workers=0",
+            f"dataset.streaming={str(streaming).lower()}",
+            f"dataset.validation_size={50 if streaming else 0}",
+        ],
+    )
+    layout = BatchLayout.from_config(cfg)
+    stream, _ = build_dataloaders(cfg, layout, CPU, tokenizer)
+    batches = iter(stream)
+    shapes, sequences = set(), []
+    while stream.epoch == 0:
+        batch = next(batches)
+        shapes.add((tuple(batch["input_ids"].shape), tuple(batch["cu_seqlens"].shape), batch["max_seqlen"]))
+        real = torch.diff(batch["cu_seqlens"])
+        sequences.append(int(((real > 0) & (real != 1024)).sum()))  # padding segments are at most 1024 long
+    assert shapes == {((1, 8192), (24 + 8 + 1,), 1024)}
+    assert max(sequences) <= 24 + 8 and len(sequences) > 10
+
+
 def test_padding_fraction_of_packed_batches_is_small(tokenizer):
     """On the real sample proteome (median ~280 residues), packs of 8k tokens waste well under 1%."""
     cfg = compose("L0_sanity", ["use_sequence_packing=true", "dataset.max_seq_length=1024", "dataset.num_workers=0"])
@@ -214,6 +261,46 @@ def test_training_stream_reshuffles_each_epoch_and_resumes_mid_epoch(tokenizer, 
     for expected in epoch1[5:]:
         torch.testing.assert_close(next(resumed)["labels"], expected)
     assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_workers_outlive_epochs_and_mask_each_epoch_as_a_fresh_worker_would(tokenizer, tmp_path, packed):
+    """One worker process serves three epochs, and its batches equal those built in the main process."""
+    fasta = tmp_path / "small.fasta"
+    fasta.write_text("".join(f">s{i}\n{seq}\n" for i, seq in enumerate(read_fasta_sequences(40))))
+    base = [f"dataset.path={fasta}", "dataset.validation_size=0", "dataset.micro_batch_size=4"]
+    base += ["use_sequence_packing=true", "token_micro_batch_size=2048"] if packed else []
+
+    def draw(workers):
+        cfg = compose("L0_sanity", [*base, f"dataset.num_workers={workers}"])
+        stream, _ = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
+        batches, drawn, pids = iter(stream), [], set()
+        while stream.epoch < 3:
+            batch = next(batches)
+            drawn.append((stream.epoch, batch))
+            pids |= {child.pid for child in multiprocessing.active_children()}
+        return drawn, pids
+
+    in_workers, pids = draw(1)
+    in_main, _ = draw(0)
+    assert len(pids) == 1  # the same worker process across the epoch boundaries
+    assert [epoch for epoch, _ in in_workers] == [epoch for epoch, _ in in_main]
+    for (_, a), (_, b) in zip(in_workers, in_main, strict=True):
+        torch.testing.assert_close(a["input_ids"], b["input_ids"])
+        torch.testing.assert_close(a["labels"], b["labels"])
+    cfg = compose("L0_sanity", base)
+    masker = build_collator(cfg.dataset, BatchLayout.from_config(cfg), tokenizer, cfg.seed).masker
+    checked = 0
+    for epoch, batch in in_workers if not packed else []:  # each row is one sequence: re-mask it as of its epoch
+        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+            original = torch.where(labels != -100, labels, ids)[ids != tokenizer.pad_token_id]
+            if len(original) == 256:  # maybe cropped: the crop's window is not in the batch
+                continue
+            checked += 1
+            expected_ids, expected_labels = masker(original.tolist(), epoch)
+            assert ids[: len(expected_ids)].tolist() == expected_ids.tolist()
+            assert labels[: len(expected_labels)].tolist() == expected_labels.tolist()
+    assert packed or checked > 50  # of the 120 rows, those of uncropped sequences
 
 
 def test_epoch_loader_refuses_streaming_resume_on_another_world_size():
