@@ -6,8 +6,9 @@ module checks every value, so nothing downstream needs a fallback default or a c
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
+PRECISION_DIR = DEFAULTS_FILE.parent / "precision"
 CHECKED_SECTIONS = ("dataset", "checkpoint", "fsdp", "mfsdp", "optimizer", "lr_scheduler", "validation", "logger")
 ZERO_DP_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 REDUCE_DTYPES = ("float32", "bfloat16")
@@ -75,13 +77,33 @@ def missing_keys(cfg: DictConfig, prefix: str = "") -> Iterator[str]:
             yield from missing_keys(cfg[key], f"{path}.")
 
 
+@cache
+def precision_keys() -> frozenset[str]:
+    """The keys of `fp8_config`, which the precision presets (hydra_config/precision/) define."""
+    return frozenset(OmegaConf.load(PRECISION_DIR / "bf16.yaml").fp8_config)
+
+
+def _did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" Did you mean {prefix}{close[0]}?" if close else ""
+
+
 def _unknown_keys(cfg: DictConfig) -> list[str]:
-    """Keys of the checked sections that defaults.yaml does not define: a typo would otherwise do nothing."""
-    problems = []
-    for section in CHECKED_SECTIONS:
-        known = set(defaults()[section])
+    """Keys that defaults.yaml (or a precision preset) does not define, at the top level or in a checked section.
+
+    A typo would otherwise do nothing, however it was written (`key=...` is refused by Hydra itself, `+key=...` here).
+    """
+    top = set(defaults()) - {"defaults"} | {"fp8_config", "benchmark"}
+    problems = [
+        f"{key}: unknown key.{_did_you_mean(key, top)} Every key is documented in hydra_config/defaults.yaml."
+        for key in cfg
+        if key not in top
+    ]
+    sections = {section: set(defaults()[section]) for section in CHECKED_SECTIONS} | {"fp8_config": precision_keys()}
+    for section, known in sections.items():
+        listed = ", ".join(sorted(known))
         problems += [
-            f"{section}.{key}: unknown key (known: {', '.join(sorted(known))})."
+            f"{section}.{key}: unknown key.{_did_you_mean(key, known, f'{section}.')} Known: {listed}."
             for key in cfg.get(section) or {}
             if key not in known
         ]

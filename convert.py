@@ -531,8 +531,11 @@ def export_hf_model(
     tokenizer_dir: str | Path,
     source_format: Literal["te", "hf"] = "te",
     overwrite: bool = False,
+    model_card: str | None = None,
 ) -> Path:
     """Write a standard transformers ESM-2 checkpoint (weights, ``config.json``, tokenizer) to ``out_dir``.
+
+    ``model_card`` (markdown) becomes the folder's ``README.md``, what model hubs and people read first.
 
     The result loads with plain ``AutoModelForMaskedLM`` / ``AutoTokenizer`` and converts back with
     ``convert_hf_to_te``. Files are written to a temporary sibling directory that is renamed into place at the end, so
@@ -565,6 +568,8 @@ def export_hf_model(
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+        if model_card is not None:
+            (staging / "README.md").write_text(model_card)
         manifest = {
             "format": EXPORT_FORMAT_TAG,
             "source_format": source_format,
@@ -584,12 +589,15 @@ def export_final_model(
     ckpt_dir: Path,
     tokenizer_dir: str | Path,
     context: DistributedContext,
+    model_card: str | None = None,
 ) -> Path:
     """The end of training: rank 0 writes ``<ckpt_dir>/final_model`` (see `export_hf_model`), the others wait."""
     out_dir = ckpt_dir / "final_model"
     if context.is_main:
         source = source_format_of(config)
-        export_hf_model(state_dict, config, out_dir, tokenizer_dir, source_format=source, overwrite=True)
+        export_hf_model(
+            state_dict, config, out_dir, tokenizer_dir, source_format=source, overwrite=True, model_card=model_card
+        )
         logger.info("Exported the final model to %s (load with AutoModelForMaskedLM.from_pretrained).", out_dir)
     context.barrier()
     return out_dir

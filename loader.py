@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import multiprocessing
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -260,6 +261,13 @@ class EpochLoader:
                 )
             self.epoch, self.batches_in_epoch, self._start = self.epoch + 1, 0, 0
 
+    @property
+    def num_sequences(self) -> int | None:
+        """Training sequences in an epoch (map-style data), None for a stream of unknown length."""
+        if isinstance(self.sampler, PackedBatchSampler):
+            return len(self.sampler.lengths)
+        return self.sampler.num_samples if self.sampler is not None else None
+
     def consumed(self) -> int:
         """Units of the current epoch's permutation consumed by all ranks together (map-style data)."""
         return self._start + self.batches_in_epoch * self.units_per_batch * self.world_size
@@ -307,6 +315,8 @@ def shutdown_workers() -> None:
 
 
 atexit.register(shutdown_workers)
+# torchdata's StatefulDataLoader warns on every rank about a torch call of its own; nothing a user can act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 def _stateful_loader(*args: Any, **kwargs: Any) -> StatefulDataLoader:

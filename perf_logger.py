@@ -7,6 +7,7 @@ training loop never waits for the GPU in between.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
@@ -28,6 +29,38 @@ def peak_memory_gib(device: torch.device) -> float:
     return kib / 2**20
 
 
+class RankPrefix(logging.Filter):
+    """Begin every log line of a non-zero rank with its rank, so interleaved batch logs say who wrote what."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = f"{self.prefix}{record.msg}"
+        return True
+
+
+def configure_process_logs(rank: int) -> None:
+    """Logs that read well in a batch system's output file, on every rank.
+
+    Python warnings go through logging (one format, and the rank prefix); no progress bars but on a terminal; ranks
+    other than 0 report warnings and errors only, each line naming its rank.
+    """
+    logging.captureWarnings(True)
+    if not sys.stderr.isatty():  # `datasets` progress bars would write carriage-return frames into the log file
+        import datasets
+
+        datasets.disable_progress_bars()
+    if rank == 0:
+        return
+    logging.getLogger().setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RankPrefix) for f in handler.filters):
+            handler.addFilter(RankPrefix(rank))
+
+
 class NonFiniteTrainingError(RuntimeError):
     """The loss or gradient norm became NaN or infinite: training diverged, and going on would only spread it."""
 
@@ -40,13 +73,15 @@ class PerfLogger:
         self.log_every = int(cfg.logger.log_every_n_steps)
         self.total_steps = int(cfg.num_train_steps)
         self.last_metrics: dict[str, float] = {}
+        self.total_tokens = 0  # real tokens this rank trained on in this job
         self._reset_window(time.perf_counter())
         self._progress = tqdm(
             total=self.total_steps,
             initial=start_step,
             desc="train",
             dynamic_ncols=True,
-            disable=not (context.is_main and cfg.logger.progress_bar),
+            # a bar only on a terminal: in a batch system's log file its frames would be one endless line
+            disable=not (context.is_main and cfg.logger.progress_bar and sys.stderr.isatty()),
             file=sys.stderr,
         )
         self._metrics_file = cfg.logger.metrics_file if context.is_main else None
@@ -81,6 +116,7 @@ class PerfLogger:
         self._steps += 1
         self._tokens += tokens
         self._padded_tokens += padded_tokens
+        self.total_tokens += tokens
         self._progress.update(1)
         if step % self.log_every != 0 and step != self.total_steps:
             return None

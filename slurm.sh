@@ -16,6 +16,8 @@
 #                     mounted at its own path and is the working directory
 #   MASTER_PORT       rendezvous port on the first node     (default: derived from the job id)
 #   RECIPE_DIR        the recipe folder as the nodes see it (default: the folder sbatch was called from)
+#   REQUEUE_ON_PREEMPT=1  after a preemption signal and the checkpoint it triggers, requeue this job
+#                     (`scontrol requeue`): it starts again by itself and resumes from the checkpoint
 #   SLURM_DRY_RUN=1   print the srun (or torchrun) command instead of running it
 #
 # Without Slurm, the per-node launch runs as it would on a node (e.g. two "nodes" on one machine: start it twice
@@ -24,7 +26,8 @@
 #
 # Preemption: 300 s before the time limit Slurm sends SIGUSR1 to this batch shell (B:), which passes it through srun
 # to each node's launcher and from there to the training processes only (torchrun itself ignores it); they save a
-# checkpoint and stop. Resubmitting the same command resumes from it.
+# checkpoint and stop. Resubmitting the same command resumes from it, or, with REQUEUE_ON_PREEMPT=1, the job requeues
+# itself (same job id; the log continues in the same file, --open-mode=append).
 #
 #SBATCH --job-name=esm2-te
 #SBATCH --nodes=2
@@ -33,6 +36,8 @@
 #SBATCH --exclusive
 #SBATCH --time=04:00:00
 #SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
 
 set -euo pipefail
 
@@ -59,7 +64,8 @@ run_relaying_usr1() {
   return "$status"
 }
 
-signal_srun() { kill -USR1 "$1"; }                 # srun forwards the signal to every node's task
+PREEMPTED=0
+signal_srun() { PREEMPTED=1; kill -USR1 "$1"; }    # srun forwards the signal to every node's task
 signal_ranks() { pkill -USR1 -P "$1" || true; }    # torchrun's children: the training processes
 
 # One node's share of the job: torchrun over this node's GPUs, joining the rendezvous on the first node.
@@ -109,7 +115,13 @@ launch_job() {
     return
   fi
   echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes x $GPUS_PER_NODE GPUs, rendezvous $MASTER_ADDR:$MASTER_PORT"
-  run_relaying_usr1 signal_srun "${srun_cmd[@]}"
+  local status=0
+  run_relaying_usr1 signal_srun "${srun_cmd[@]}" || status=$?
+  if [[ "$PREEMPTED" == 1 && "$status" == 0 && "${REQUEUE_ON_PREEMPT:-0}" == 1 ]]; then
+    echo "job $SLURM_JOB_ID: preempted after a checkpoint; requeueing it to resume"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  return "$status"
 }
 
 if [[ "${1:-}" == "--node" ]]; then

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from distributed import DistributedContext, all_reduce_sum, destroy_distributed,
 from loader import EpochLoader, build_dataloaders, shutdown_workers
 from model import load_model_config, resolve_use_te
 from parallel import clip_grad_norm_, gradient_norms, parameter_memory_gib, unwrap
-from perf_logger import PerfLogger
+from perf_logger import PerfLogger, configure_process_logs
 from precision import check_gpu_supports, fp8_enabled
 from run_lock import RunLock
 from scheduler import build_esm2_scheduler
@@ -101,6 +102,7 @@ class TrainResult:
     step: int
     completed: bool
     metrics: dict[str, float]
+    tokens: int = 0  # real tokens this rank trained on in this call
 
 
 @dataclass
@@ -133,6 +135,7 @@ def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
 
     Everything that can fail before training fails here, in this order, before any model is built.
     """
+    configure_process_logs(int(os.environ.get("RANK", 0)))  # before the process group: it logs too
     model_config = load_model_config(cfg.model_tag)
     use_te, reason = resolve_use_te(cfg.use_te)
     validate_config(cfg, model_config, use_te, strategy)
@@ -142,8 +145,6 @@ def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
         context = init_distributed()
         if fp8_enabled(cfg):
             check_gpu_supports(cfg.fp8_config.recipe, context.device)
-        if not context.is_main:
-            logging.getLogger().setLevel(logging.WARNING)
         logger.info("Model: %s, %s.", cfg.model_tag, reason)
         log_inert_keys(cfg, strategy)
         from transformers import AutoTokenizer
@@ -306,7 +307,7 @@ def train_loop(
                 break
     finally:
         perf.close()
-    return TrainResult(step=step, completed=step >= cfg.num_train_steps, metrics=perf.last_metrics)
+    return TrainResult(step, step >= cfg.num_train_steps, perf.last_metrics, perf.total_tokens)
 
 
 def run(cfg: DictConfig, strategy: Strategy) -> TrainResult:
@@ -338,16 +339,79 @@ def _train(setup: Run, strategy: Strategy) -> TrainResult:
     )
     checkpointer = Checkpointer(cfg.checkpoint, setup.context, parts)
     preemption = Preemption().install()
+    started = time.perf_counter()
     start_step = checkpointer.resume()
     after_step = lambda step: checkpointer.after_step(step, preemption.any_rank())  # noqa: E731
     result = train_loop(setup, model, optimizer, scheduler, strategy, start_step=start_step, after_step=after_step)
     checkpointer.finish(result.step, completed=result.completed)
+    final_model = None
+    tokens = int(all_reduce_sum(torch.tensor(float(result.tokens), device=setup.context.device)))
     if result.completed and cfg.checkpoint.ckpt_dir and cfg.checkpoint.save_final_model:
         full_state = strategy.state_dict.full_model_state_dict(model)  # a collective: every rank takes part
         ckpt_dir, tokenizer_dir = Path(cfg.checkpoint.ckpt_dir), resolve_path(cfg.tokenizer)
-        export_final_model(full_state, unwrap(model).config, ckpt_dir, tokenizer_dir, setup.context)
+        card = model_card(cfg, result, start_step, tokens, setup, parts.facts["parameters"])
+        final_model = export_final_model(
+            full_state, unwrap(model).config, ckpt_dir, tokenizer_dir, setup.context, model_card=card
+        )
+    logger.info(run_summary(result, start_step, tokens, time.perf_counter() - started, cfg, final_model))
     destroy_distributed()
     return result
+
+
+def model_card(cfg: DictConfig, result: TrainResult, start_step: int, tokens: int, setup: Run, parameters: int) -> str:
+    """The final model's README.md: what it is, what it was trained on and how far, and how to load it."""
+    config, metrics, sequences = setup.model_config, result.metrics, setup.train_stream.num_sequences
+    precision = (
+        f"FP8 ({cfg.fp8_config.recipe}) in the transformer layers, BF16 elsewhere" if fp8_enabled(cfg) else "BF16"
+    )
+    if not setup.context.uses_cuda:
+        precision = "FP32 (CPU)"
+    weights = "FP32 master weights" if cfg.use_fp32_master_weights else "BF16 weights"
+    val = f"{metrics['val/loss']:.4g} (perplexity {metrics['val/perplexity']:.4g})" if "val/loss" in metrics else "–"
+    lines = [
+        f"# ESM-2 masked language model ({cfg.model_tag}, {parameters:,} parameters)",
+        "",
+        "Pretrained with the ESM-2 TransformerEngine recipe; a standard transformers ESM-2 checkpoint.",
+        "",
+        f"- Architecture: {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+        f"{config.num_attention_heads} attention heads, FFN {config.intermediate_size}, "
+        f"vocabulary {config.vocab_size}.",
+        f"- Training data: `{cfg.dataset.path}`"
+        + (f", {sequences:,} training sequences" if sequences is not None else " (streamed)")
+        + f", cropped to {cfg.dataset.max_seq_length} tokens ({cfg.dataset.crop} windows), "
+        f"{cfg.dataset.mlm_probability:.0%} of residues masked.",
+        f"- Training: {result.step:,} optimizer steps (peak LR {cfg.optimizer.lr:g}); {tokens:,} tokens in steps "
+        f"{start_step + 1}–{result.step} (the last job), on {setup.context.world_size} rank(s); seed {cfg.seed}.",
+        f"- Precision: {precision}; {weights}.",
+        f"- Final train loss {metrics.get('train/loss', float('nan')):.4g} (last log window); validation loss {val}.",
+        "",
+        "```python",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+        "",
+        'model = AutoModelForMaskedLM.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_summary(
+    result: TrainResult, start_step: int, tokens: int, seconds: float, cfg: DictConfig, final_model: Path | None
+) -> str:
+    """The one line a batch log ends with: how far the job got, on what, how fast, and where its results are."""
+    metrics = result.metrics
+    losses = ", ".join(
+        f"{name} {metrics[key]:.4g}" for key, name in (("train/loss", "train loss"), ("val/loss", "val loss"))
+        if key in metrics
+    )  # fmt: skip
+    state = "finished" if result.completed else "stopped early"
+    where = f"checkpoints in {cfg.checkpoint.ckpt_dir}" if cfg.checkpoint.ckpt_dir else "no checkpoints"
+    return (
+        f"Run {state} at step {result.step} of {cfg.num_train_steps} ({result.step - start_step} steps in this job): "
+        f"{tokens:,} tokens in {seconds:.0f} s; {losses or 'no loss logged'}; {where}"
+        + (f"; final model in {final_model}." if final_model else ".")
+    )
 
 
 def _due(step: int, every: int, last_step: int) -> bool:

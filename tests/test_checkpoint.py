@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,6 +100,18 @@ def test_killed_mid_write_resumes_from_the_previous_checkpoint(tmp_path):
     assert set(exported) <= set(final_model.state_dict())
     inputs = tokenizer(read_fasta_sequences(2), return_tensors="pt", padding=True)
     assert torch.isfinite(final_model(**inputs).logits).all()
+    # its model card names the model, the data and how far training went
+    card = (ckpt_dir / "final_model" / "README.md").read_text()
+    parameters = sum(p.numel() for p in final_model.parameters())  # the tied decoder counts once
+    assert f"(esm2_t6_8M_UR50D, {parameters:,} parameters)" in card
+    assert "- Training data: `data/sample/938293.PRJEB85.HG003687.faa`, 1,995 training sequences, cropped to 64" in card
+    last = losses(tmp_path / "metrics.jsonl")[9]
+    assert "9 optimizer steps" in card and "in steps 4–9 (the last job)" in card
+    assert f"Final train loss {last:.4g} (last log window); validation loss –" in card
+    assert "Precision: FP32 (CPU); FP32 master weights." in card
+    tokens = re.search(r"([\d,]+) tokens in steps 4–9", card)
+    assert tokens and int(tokens[1].replace(",", "")) > 6 * 4 * 3  # six steps of four sequences of > 3 tokens
+    assert f"{tokens[1]} tokens in" in resumed.stdout  # the run's closing line gives the same count
 
     # a truncated newest checkpoint is recognised and skipped
     shard = next((ckpt_dir / "step_0000009" / "model_optim").glob("*.distcp"))

@@ -1,11 +1,13 @@
+import functools
 import gzip
 import json
 import logging
+import os
 
 import datasets
 import pandas as pd
 import pytest
-from conftest import SAMPLE_FASTA, compose, read_fasta_sequences
+from conftest import RECIPE_DIR, SAMPLE_FASTA, compose, read_fasta_sequences
 
 from dataset import DataConfigError, load_sequence_splits, read_fasta
 
@@ -45,6 +47,22 @@ def test_read_fasta_rejects_non_fasta(tmp_path):
         list(read_fasta([str(bad)]))
 
 
+def load_error(tokenizer, path, *overrides):
+    """The DataConfigError message loading `path` gives."""
+    with pytest.raises(DataConfigError) as info:
+        load_sequence_splits(data_cfg(path, *overrides), tokenizer, seed=0)
+    return str(info.value)
+
+
+@functools.cache
+def sample_gzip():
+    """6,300 records: a stream reads its first batch (1,000) while loading, so a cut at 2/3 is met only later."""
+    return gzip.compress(SAMPLE_FASTA.read_bytes() * 3, mtime=0)
+
+
+STREAM = ("dataset.streaming=true", "dataset.validation_size=1")
+
+
 @pytest.mark.parametrize("suffix", ["parquet", "csv", "tsv", "jsonl"])
 def test_tabular_formats_with_custom_column(tmp_path, tokenizer, suffix):
     frame = pd.DataFrame({"id": ["x", "y", "z"], "protein": ["MKV", "acd*", "WYHH"]})
@@ -60,9 +78,11 @@ def test_tabular_formats_with_custom_column(tmp_path, tokenizer, suffix):
     assert sorted(decoded(tokenizer, splits.train) + decoded(tokenizer, splits.validation)) == ["ACD", "MKV", "WYHH"]
 
 
-def test_missing_sequence_column_names_the_columns(tmp_path, tokenizer):
-    path = tmp_path / "data.parquet"
-    pd.DataFrame({"seq": ["MKV"]}).to_parquet(path)
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_missing_sequence_column_names_the_columns(tmp_path, tokenizer, suffix):
+    path = tmp_path / f"data.{suffix}"
+    frame = pd.DataFrame({"seq": ["MKV"]})
+    frame.to_parquet(path) if suffix == "parquet" else frame.to_csv(path, index=False)
     with pytest.raises(DataConfigError, match=r"no 'sequence' column \(columns: \['seq'\]\).*sequence_column"):
         load_sequence_splits(data_cfg(path), tokenizer, seed=0)
 
@@ -107,3 +127,126 @@ def test_streaming_refuses_a_fractional_validation_size(tokenizer):
     cfg = data_cfg(SAMPLE_FASTA, "dataset.streaming=true", "dataset.validation_size=0.1")
     with pytest.raises(DataConfigError, match="number of sequences"):
         load_sequence_splits(cfg, tokenizer, seed=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("", "it is empty (0 bytes)"), ("\n\n; comment only\n", "it holds no sequences (no '>' header line)")],
+    ids=["zero-bytes", "no-records"],
+)
+def test_empty_fasta_is_named(tmp_path, tokenizer, content, problem, streaming):
+    path = tmp_path / "empty.fasta"
+    path.write_text(content)
+    overrides = STREAM if streaming else ()
+    assert load_error(tokenizer, path, *overrides).startswith(f"Cannot read data file {path}: {problem}. Remove it")
+
+
+@pytest.mark.parametrize(
+    ("offset", "binary", "problem"),
+    [
+        (0, bytes(range(256)), "it is not text (binary data: byte 0x00 at offset 0)"),
+        (10_000, bytes(range(128, 256)), "it is not text (byte 0x80 is not UTF-8)"),  # past the up-front check
+    ],
+    ids=["at-start", "deep"],
+)
+def test_binary_fasta_is_named(tmp_path, tokenizer, offset, binary, problem):
+    path = tmp_path / "binary.fasta"
+    path.write_bytes(SAMPLE_FASTA.read_bytes()[:offset] + binary)
+    message = load_error(tokenizer, path)
+    assert message.startswith(f"Cannot read data file {path}: {problem}, so not the FASTA file its extension says.")
+
+
+@pytest.mark.parametrize(
+    ("keep", "overrides"),
+    [(100, ()), (900_000, ()), (900_000, STREAM)],
+    ids=["cut-early", "cut-deep", "cut-deep-streaming"],
+)
+def test_truncated_fasta_gz_is_named(tmp_path, tokenizer, keep, overrides):
+    path = tmp_path / "cut.fasta.gz"
+    path.write_bytes(sample_gzip()[:keep])
+    if overrides:  # a stream reads lazily: it loads, and meets the cut only while training, with the same message
+        splits = load_sequence_splits(data_cfg(path, *overrides), tokenizer, seed=0)
+        with pytest.raises(DataConfigError) as info:
+            list(splits.train)
+        message = str(info.value)
+    else:
+        message = load_error(tokenizer, path)
+    assert message.startswith(f"Cannot read data file {path}: its gzip stream ends early: the file is truncated")
+    assert "gzip -t" in message
+    assert path.read_bytes() == sample_gzip()[:keep]  # reported, never touched
+
+
+def test_corrupt_fasta_gz_is_named(tmp_path, tokenizer):
+    data = sample_gzip()
+    path = tmp_path / "corrupt.fasta.gz"
+    path.write_bytes(data[:100_000] + bytes(500) + data[100_500:])
+    message = load_error(tokenizer, path)
+    assert message.startswith(f"Cannot read data file {path}: its gzip data is corrupt (")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("plain.fasta.gz", b">a\nMKV\n", "it is named .gz but is not gzip-compressed"),
+        ("packed.fasta", gzip.compress(b">a\nMKV\n", mtime=0), "it is gzip-compressed but not named .gz"),
+    ],
+    ids=["named-gz-not-gzip", "gzip-not-named-gz"],
+)
+def test_compression_not_matching_the_name(tmp_path, tokenizer, name, content, problem):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert load_error(tokenizer, path).startswith(f"Cannot read data file {path}: {problem}.")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_parquet_that_is_not_parquet_is_named(tmp_path, tokenizer, streaming):
+    path = tmp_path / "data.parquet"
+    path.write_text("sequence\nMKV\n")
+    message = load_error(tokenizer, path, *(STREAM if streaming else ()))
+    assert message.startswith(f"Cannot read data file {path}: it is not a Parquet file (no b'PAR1' marker")
+
+
+def test_corrupt_parquet_among_several_is_named(tmp_path, tokenizer):
+    for name in ("a", "c"):
+        pd.DataFrame({"sequence": ["MKV", "WYH"]}).to_parquet(tmp_path / f"{name}.parquet")
+    bad = tmp_path / "b.parquet"
+    bad.write_bytes(b"PAR1" + bytes(range(100)) + b"PAR1")  # right markers, broken inside: found while loading
+    message = load_error(tokenizer, tmp_path)
+    assert message.startswith(f"Cannot read data file {bad}: it is not a valid Parquet file (")
+
+
+def test_truncated_csv_gz_among_several_is_named(tmp_path, tokenizer):
+    for name in ("a", "b"):
+        with gzip.open(tmp_path / f"{name}.csv.gz", "wt") as handle:
+            pd.DataFrame({"sequence": ["MKVLAW"] * 20_000}).to_csv(handle, index=False)
+    bad = tmp_path / "b.csv.gz"
+    bad.write_bytes(bad.read_bytes()[:-40])
+    message = load_error(tokenizer, tmp_path)
+    assert message.startswith(f"Cannot read data file {bad}: its gzip stream ends early: the file is truncated")
+
+
+@pytest.mark.parametrize(
+    ("held", "content"),
+    [([], "it is empty"), (["notes.txt"], "it holds only ['notes.txt']")],
+    ids=["empty", "no-data-files"],
+)
+def test_empty_directory_says_it_is_empty(tmp_path, tokenizer, held, content):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in held:
+        (folder / name).write_text("MKV\n")
+    message = load_error(tokenizer, folder)
+    assert message.startswith(f"dataset.path='{folder}' is the folder {folder}, which holds no data files ({content};")
+    assert "looked for *.fasta, *.fa, *.faa, *.fas, *.mpfa, *.parquet, *.csv, *.tsv, *.json, *.jsonl" in message
+    assert "does not exist" not in message
+
+
+def test_missing_path_lists_each_location_once(tmp_path, tokenizer, monkeypatch):
+    in_recipe, elsewhere = RECIPE_DIR / "no/such/file.fasta", tmp_path / "no/such/file.fasta"
+    monkeypatch.chdir(RECIPE_DIR)  # the usual case: run from the recipe folder, both places are one
+    message = load_error(tokenizer, "no/such/file.fasta")
+    assert f"does not exist (looked for {in_recipe}). Point" in message
+    monkeypatch.chdir(tmp_path)
+    message = load_error(tokenizer, "no/such/file.fasta")
+    assert f"does not exist (looked for {os.path.realpath(elsewhere)}, {in_recipe}). Point" in message

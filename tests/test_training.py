@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ def test_l0_sanity_trains_and_loss_falls(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reference transformers EsmForMaskedLM (use_te=auto: no CUDA device is visible)" in result.stdout
+    # a batch log (not a terminal): no progress-bar frames, and one closing line with the figures
+    assert "\r" not in result.stdout + result.stderr
+    summary = re.search(r"Run finished at step 30 of 30 \(30 steps in this job\): ([\d,]+) tokens in", result.stdout)
+    assert summary, result.stdout[-2000:]
     train = [m for m in read_metrics(metrics_file) if "train/loss" in m]
     assert [m["step"] for m in train] == [10, 20, 30]
     losses = [m["train/loss"] for m in train]
@@ -27,6 +32,7 @@ def test_l0_sanity_trains_and_loss_falls(tmp_path):
     assert losses[0] < math.log(33) + 0.3  # starts near uniform guessing over the vocabulary
     assert losses[-1] < losses[0] - 0.15, losses
     last = train[-1]
+    assert f"train loss {last['train/loss']:.4g}" in result.stdout
     assert 0 < last["train/padding_fraction"] < 0.5
     assert last["train/tokens_per_s_per_gpu"] > 0 and last["train/peak_memory_gib"] > 0
     # warm-up over 10 steps, linear decay until step int(0.9 * 30) = 27, then 10% of the peak
