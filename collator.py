@@ -22,7 +22,7 @@ from precision import round_up, token_multiple
 IGNORE_INDEX = -100
 # Static packed batches cap a pack at token_budget // this many sequences unless max_sequences_per_pack says otherwise:
 # attention kernels launch work per segment slot, used or not, so every batch pays for the cap (at 650M, 16k tokens,
-# a cap of 128 made the step 12% slower than dynamic packing on an H200); 256 still fits the sample proteome's packs.
+# one H200 run with a cap of 128 was 12% slower than dynamic packing); 256 still fits the sample proteome's packs.
 STATIC_TOKENS_PER_SEQUENCE = 256
 CANONICAL_AMINO_ACIDS = "LAGVSERTIDPKQNFYMHWC"  # the 20 standard residues: what a random replacement draws from
 

@@ -207,7 +207,8 @@ def test_slurm_launch_line_runs_two_nodes(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
     assert "--nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d" in outputs[0]
     log = "\n".join(outputs)
-    assert "Rank 0/2" in log and "Rank 1/2" in log
+    assert "node 0 of 2" in log and "node 1 of 2" in log and "Rank 0/2" in log
+    assert "Rank 1/2" not in log  # ranks other than 0 log warnings and errors only
     # rank 0, which writes the metrics, lives on whichever node joined the rendezvous first
     (metrics_file,) = [f for f in (tmp_path / "node0.jsonl", tmp_path / "node1.jsonl") if f.exists()]
     assert [m["step"] for m in read_metrics(metrics_file)] == [1, 2, 3]
