@@ -173,8 +173,9 @@ def test_a_preempted_job_requeues_itself_and_resumes_exactly(slurm, tmp_path):
     # what SLURM sends before a time limit (--signal=B:USR1@300), delivered now
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
     poll(lambda: job_field(env, job, "Restarts") == "1", 300, "the job's requeue")
-    # a requeued job waits a while before it may start again; a test need not
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+    # A requeued job waits a couple of minutes before it may start again; a test need not. It must not start within
+    # the second its first run was stopped in, though: slurmd would take its credential for the revoked one.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, capture_output=True)
     ended = ("COMPLETED", "FAILED", "CANCELLED")
     state = poll(lambda: (s := job_field(env, job, "JobState")) in ended and s, 600, "the end of the job")
     text = log.read_text()
