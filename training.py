@@ -361,11 +361,12 @@ def _train(setup: Run, strategy: Strategy) -> TrainResult:
 def model_card(cfg: DictConfig, result: TrainResult, start_step: int, tokens: int, setup: Run, parameters: int) -> str:
     """The final model's README.md: what it is, what it was trained on and how far, and how to load it."""
     config, metrics, sequences = setup.model_config, result.metrics, setup.train_stream.num_sequences
-    precision = (
-        f"FP8 ({cfg.fp8_config.recipe}) in the transformer layers, BF16 elsewhere" if fp8_enabled(cfg) else "BF16"
-    )
     if not setup.context.uses_cuda:
         precision = "FP32 (CPU)"
+    elif fp8_enabled(cfg):
+        precision = f"FP8 ({cfg.fp8_config.recipe}) in the transformer layers, BF16 elsewhere"
+    else:
+        precision = "BF16"
     weights = "FP32 master weights" if cfg.use_fp32_master_weights else "BF16 weights"
     val = f"{metrics['val/loss']:.4g} (perplexity {metrics['val/perplexity']:.4g})" if "val/loss" in metrics else "–"
     lines = [
