@@ -138,6 +138,34 @@ VARIANTS: dict[str, Variant] = {
     "te_thd_graphs_fp8_current": Variant(
         "TE THD + CUDA graphs + FP8 current scaling", True, "fp8_current", packed=True, overrides={"cuda_graphs": True}
     ),
+    "te_thd_graphs_fp8_delayed_bf16_weights": Variant(
+        "TE THD + CUDA graphs + FP8 delayed scaling, BF16 weights and optimizer state",
+        True,
+        "fp8_delayed",
+        packed=True,
+        overrides={"cuda_graphs": True, "use_fp32_master_weights": False},
+    ),
+    "te_thd_graphs_optimizer_masters": Variant(
+        "TE THD + CUDA graphs, BF16 weights, FP32 master weights in TE FusedAdam",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"cuda_graphs": True, "master_weights": "optimizer"},
+    ),
+    "te_thd_graphs_fp8_delayed_optimizer_masters": Variant(
+        "TE THD + CUDA graphs + FP8 delayed scaling, FP32 master weights in TE FusedAdam",
+        True,
+        "fp8_delayed",
+        packed=True,
+        overrides={"cuda_graphs": True, "master_weights": "optimizer"},
+    ),
+    "te_thd_fp8_delayed_fp8_weights": Variant(
+        "TE THD + FP8 delayed scaling, FP8 primary weights (FP32 master in TE FusedAdam)",
+        True,
+        "fp8_delayed",
+        packed=True,
+        overrides={"master_weights": "optimizer", "fp8_config.quantized_model_init": True},
+    ),
     "te_thd_fp8_delayed": Variant("TE THD + FP8 delayed scaling", True, "fp8_delayed", packed=True),
     "te_thd_fp8_current": Variant("TE THD + FP8 current scaling", True, "fp8_current", packed=True),
     "te_thd_fp8_block": Variant("TE THD + FP8 block scaling", True, "fp8_block", packed=True),
@@ -258,7 +286,11 @@ def variant_config(base: DictConfig, model_tag: str, variant: Variant, token_bud
 
 
 def weights_mode(cfg: DictConfig) -> str:
-    return "FP32 master" if cfg.use_fp32_master_weights else "BF16"
+    if not cfg.use_fp32_master_weights:
+        return "BF16"
+    if cfg.master_weights == "model":
+        return "FP32 master"
+    return "FP8 + FP32 master in optimizer" if cfg.fp8_config.quantized_model_init else "FP32 master in optimizer"
 
 
 def skip_reason(cfg: DictConfig, variant: Variant, strategy: Strategy) -> str | None:

@@ -121,7 +121,7 @@ class DistributedStateDict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(model, optimizer)
-        return {"model": _without_extra_state(model_state), "optimizer": optim_state}
+        return {"model": _dequantized(_without_extra_state(model_state)), "optimizer": optim_state}
 
     def set(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -137,8 +137,9 @@ class DistributedStateDict:
     def full_model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return _without_extra_state(state)
+        quantized = any(_is_quantized(param) for param in model.parameters())  # dequantised on the GPU, then moved
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not quantized))
+        return {name: value.cpu() for name, value in _dequantized(_without_extra_state(state)).items()}
 
 
 class MegatronFSDPStateDict:
@@ -159,6 +160,18 @@ class MegatronFSDPStateDict:
             tensor = uneven_dtensor_to_full_tensor(value) if isinstance(value, DTensor) else value
             full[plain_name(name)] = tensor.detach().cpu()
         return full
+
+
+def _dequantized(state: dict[str, Any]) -> dict[str, Any]:
+    """FP8 primary weights (TE quantized tensors) as plain tensors of their nominal dtype.
+
+    Checkpoints and exports then hold ordinary tensors; loading copies them back into the quantized parameters.
+    """
+    return {name: value.dequantize() if _is_quantized(value) else value for name, value in state.items()}
+
+
+def _is_quantized(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and hasattr(value, "_quantizer")  # TE's QuantizedTensor, without TE
 
 
 def _without_extra_state(state: dict[str, Any]) -> dict[str, Any]:

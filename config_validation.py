@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from dataset import SUPPORTED_FORMATS, resolve_path
-from model import USE_TE_CHOICES
+from model import MASTER_WEIGHTS_HOMES, USE_TE_CHOICES
 from precision import precision_problems
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ class StrategyRules(Protocol):
     needs_cuda: bool
     compiles: bool
     graphs: bool
+    optimizer_master_weights: bool
     inert_keys: tuple[str, ...]
 
 
@@ -119,6 +120,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("use_torch_compile", _bool, "must be true or false"),
     ("use_sequence_packing", _bool, "must be true or false"),
     ("use_fp32_master_weights", _bool, "must be true or false"),
+    ("master_weights", lambda v: v in MASTER_WEIGHTS_HOMES, f"must be one of {MASTER_WEIGHTS_HOMES}"),
+    ("fp8_config.quantized_model_init", _bool, "must be true or false"),
     ("fp32_residual_connection", _bool, "must be true or false"),
     ("static_shapes", _bool, "must be true or false"),
     ("cuda_graphs", _bool, "must be true or false"),
@@ -258,6 +261,48 @@ def _static_shape_problems(cfg: DictConfig, use_te: bool, strategy: StrategyRule
     return problems
 
 
+def _master_weights_problems(cfg: DictConfig, use_te: bool, strategy: StrategyRules) -> list[str]:
+    """Master weights in the optimizer and FP8 primary weights: TE's FusedAdam, on a strategy that supports it."""
+    import torch
+
+    problems = []
+    in_optimizer = cfg.master_weights == "optimizer"
+    if in_optimizer and not cfg.use_fp32_master_weights:
+        problems.append(
+            "master_weights=optimizer keeps FP32 master weights, but use_fp32_master_weights=false asks for none; "
+            "set use_fp32_master_weights=true, or master_weights=model"
+        )
+    if in_optimizer and not (use_te and torch.cuda.is_available()):
+        problems.append(
+            "master_weights=optimizer needs TransformerEngine's FusedAdam on a GPU (use_te=auto|true on a GPU host); "
+            "use master_weights=model on CPU"
+        )
+    if in_optimizer and not strategy.optimizer_master_weights:
+        problems.append(
+            f"master_weights=optimizer is not supported by train_{strategy.name}.py (its sharded parameters carry "
+            "their own FP32 copies); use train_ddp.py, or master_weights=model"
+        )
+    if cfg.fp8_config.quantized_model_init is True:
+        if not cfg.fp8_config.enabled:
+            problems.append("fp8_config.quantized_model_init=true needs FP8 on (e.g. precision=fp8_delayed)")
+        if not in_optimizer:
+            problems.append(
+                "fp8_config.quantized_model_init=true keeps the layers' weights in FP8 only, so the FP32 copies the "
+                "optimizer updates must live in the optimizer: add master_weights=optimizer"
+            )
+        if cfg.cuda_graphs is True:
+            problems.append(
+                "fp8_config.quantized_model_init=true and cuda_graphs=true exclude each other: a captured graph keeps "
+                "the transposed FP8 weights of the capture step, which the optimizer makes stale; pick one"
+            )
+        if cfg.pretrained:
+            problems.append(
+                "fp8_config.quantized_model_init=true starts from a random initialisation; it cannot load "
+                "pretrained weights yet (set pretrained=false, or quantized_model_init=false)"
+            )
+    return problems
+
+
 def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool, strategy: StrategyRules) -> None:
     """Raise `ConfigError` naming every unusable value (and its fix) before any data or model is built."""
     missing = list(missing_keys(cfg))
@@ -278,6 +323,7 @@ def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool, stra
     problems += precision_problems(cfg, use_te)
     problems += _strategy_problems(cfg, strategy)
     problems += _static_shape_problems(cfg, use_te, strategy)
+    problems += _master_weights_problems(cfg, use_te, strategy)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 USE_TE_CHOICES = ("auto", "true", "false")
+MASTER_WEIGHTS_HOMES = ("model", "optimizer")  # FP32 parameters, or BF16 parameters + FP32 copies in TE's FusedAdam
 
 
 class ModelConfigError(ValueError):
@@ -92,9 +93,14 @@ def resolve_use_te(setting: Any) -> tuple[bool, str]:
 
 
 def parameter_dtype(cfg: Any, device: torch.device | str) -> torch.dtype:
-    """FP32 weights (BF16 compute via mixed precision) unless `use_fp32_master_weights=false` on a GPU."""
+    """FP32 weights (BF16 compute via mixed precision) on CPU and by default.
+
+    BF16 on a GPU when there are no FP32 master weights (`use_fp32_master_weights=false`) or the optimizer keeps
+    them (`master_weights=optimizer`).
+    """
     on_gpu = torch.device(device).type in ("cuda", "meta") and torch.cuda.is_available()
-    return torch.float32 if cfg.use_fp32_master_weights or not on_gpu else torch.bfloat16
+    fp32_params = cfg.use_fp32_master_weights and cfg.master_weights == "model"
+    return torch.float32 if fp32_params or not on_gpu else torch.bfloat16
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
@@ -133,12 +139,14 @@ def build_model(
         params_dtype=str(dtype).removeprefix("torch."),
         fp32_residual_connection=bool(cfg.fp32_residual_connection),
     )
+    recipe = build_fp8_recipe(cfg)
     if cfg.pretrained:
         model = NVEsmForMaskedLM.from_hf_checkpoint(model_directory(cfg.model_tag), config=te_config).to(device)
     else:
-        model = NVEsmForMaskedLM(te_config, device=device)
+        fp8_weights = recipe if recipe is not None and cfg.fp8_config.quantized_model_init else None
+        model = NVEsmForMaskedLM(te_config, device=device, fp8_weights_recipe=fp8_weights)
     fp8_group = dist.group.WORLD if is_distributed() else None
-    model.set_fp8(build_fp8_recipe(cfg), fp8_group=fp8_group)  # amax of delayed scaling reduced over all ranks
+    model.set_fp8(recipe, fp8_group=fp8_group)  # amax of delayed scaling reduced over all ranks
     return model
 
 

@@ -273,14 +273,35 @@ class StaticShapeLayer(nn.Module):
 class NVEsmEncoder(nn.Module):
     """The ``te.TransformerLayer`` stack and ESM-2's final LayerNorm; FP8 applies inside this module only."""
 
-    def __init__(self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype, fp8_weights_recipe: Any = None
+    ) -> None:
         super().__init__()
+        self.fp8_layers = None if config.fp8_layers is None else frozenset(config.fp8_layers)
+        self.layers = nn.ModuleList(
+            self._build_layer(config, index + 1, device, dtype, fp8_weights_recipe)
+            for index in range(config.num_hidden_layers)
+        )
+        self.emb_layer_norm_after = nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype
+        )
+        self.fp8_recipe: Any = None
+        self.fp8_group: Any = None
+
+    def _build_layer(
+        self, config: NVEsmConfig, layer_number: int, device: torch.device, dtype: torch.dtype, fp8_weights_recipe: Any
+    ) -> EsmTransformerLayer:
+        """One TE layer, built under TE's quantized_model_init when it is an FP8 layer with FP8 primary weights.
+
+        Such a layer holds its GEMM weights in FP8 only: the optimizer step quantises them, not every forward.
+        """
         init_method = _normal_init(config.initializer_range)
         # TE defers initialisation only when `device == "meta"` compares equal, which a torch.device never does with a
         # str; given torch.device("meta") it would materialise every weight on the GPU.
         te_device = "meta" if device.type == "meta" else device
-        self.layers = nn.ModuleList(
-            EsmTransformerLayer(
+        quantized = fp8_weights_recipe is not None and (self.fp8_layers is None or layer_number in self.fp8_layers)
+        with te.quantized_model_init(enabled=quantized, recipe=fp8_weights_recipe):
+            return EsmTransformerLayer(
                 fp32_residual_connection=config.fp32_residual_connection,
                 hidden_size=config.hidden_size,
                 ffn_hidden_size=config.intermediate_size,
@@ -290,7 +311,7 @@ class NVEsmEncoder(nn.Module):
                 attention_dropout=config.attention_probs_dropout_prob or 0.0,
                 init_method=init_method,
                 output_layer_init_method=init_method,
-                layer_number=index + 1,
+                layer_number=layer_number,
                 self_attn_mask_type="padding",
                 layer_type="encoder",
                 attn_input_format=config.attn_input_format,
@@ -301,14 +322,6 @@ class NVEsmEncoder(nn.Module):
                 params_dtype=dtype,
                 device=te_device,
             )
-            for index in range(config.num_hidden_layers)
-        )
-        self.emb_layer_norm_after = nn.LayerNorm(
-            config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype
-        )
-        self.fp8_layers = None if config.fp8_layers is None else frozenset(config.fp8_layers)
-        self.fp8_recipe: Any = None
-        self.fp8_group: Any = None
 
     def _layer_precision(self, layer_number: int) -> AbstractContextManager:
         """Turn FP8 off for layers outside ``config.fp8_layers`` (e.g. the first and last layers)."""
@@ -368,14 +381,16 @@ class EsmContactHeadWeights(nn.Module):
 class NVEsmModel(nn.Module):
     """ESM-2 encoder: embeddings with token dropout, rotary TE layers, final LayerNorm."""
 
-    def __init__(self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype, fp8_weights_recipe: Any = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.embeddings = NVEsmEmbeddings(config, device, dtype)
         self.rotary_embeddings = EsmRotaryEmbedding(
             config.hidden_size // config.num_attention_heads, rope_base(config), device
         )
-        self.encoder = NVEsmEncoder(config, device, dtype)
+        self.encoder = NVEsmEncoder(config, device, dtype, fp8_weights_recipe)
         self.contact_head = EsmContactHeadWeights(config, device, dtype)
 
     def forward(
@@ -444,13 +459,15 @@ class NVEsmForMaskedLM(nn.Module):
     :meth:`init_weights`. Under FSDP2 keep the embeddings and ``lm_head`` in one unit, since their weight is shared.
     """
 
-    def __init__(self, config: NVEsmConfig, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, config: NVEsmConfig, device: torch.device | str | None = None, fp8_weights_recipe: Any = None
+    ) -> None:
         super().__init__()
         _check_supported_architecture(config)
         self.config = config
         resolved = _resolve_device(device)
         dtype = PARAMS_DTYPES[config.params_dtype]
-        self.esm = NVEsmModel(config, resolved, dtype)
+        self.esm = NVEsmModel(config, resolved, dtype, fp8_weights_recipe)
         self.lm_head = NVEsmLMHead(config, resolved, dtype)
         self.tie_weights()
         if resolved.type != "meta":
@@ -512,7 +529,13 @@ class NVEsmForMaskedLM(nn.Module):
         paddings = embedding_paddings(self)
         for module in self.modules():
             for name, param in module.named_parameters(recurse=False):
-                init_parameter_(module, name, param, self.config, paddings.get(id(param), NOT_AN_EMBEDDING))
+                padding = paddings.get(id(param), NOT_AN_EMBEDDING)
+                if isinstance(param, te.QuantizedTensor):  # FP8 primary weights: draw in BF16, then quantise
+                    values = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+                    init_parameter_(module, name, values, self.config, padding)
+                    param.copy_(values)
+                else:
+                    init_parameter_(module, name, param, self.config, padding)
         rotary = self.esm.rotary_embeddings
         head_dim = 2 * rotary.inv_freq.shape[0]
         rotary.inv_freq.copy_(rotary_inverse_frequencies(head_dim, rope_base(self.config)))

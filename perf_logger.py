@@ -12,6 +12,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -49,6 +50,10 @@ def configure_process_logs(rank: int) -> None:
     other than 0 report warnings and errors only, each line naming its rank.
     """
     logging.captureWarnings(True)
+    # TransformerEngine's import-time notes about its other frameworks and torch.compile paths concern its own build,
+    # not this run (e.g. a JAX install beside it); its real warnings still come through.
+    warnings.filterwarnings("ignore", message="Detected a Jax installation", category=RuntimeWarning)
+    logging.getLogger("TransformerEngine").setLevel(logging.WARNING)
     if not sys.stderr.isatty():  # `datasets` progress bars would write carriage-return frames into the log file
         import datasets
 
@@ -169,7 +174,9 @@ class PerfLogger:
     def close(self) -> None:
         self._progress.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            # called from the loop's `finally`: a run that stops on an exception (divergence, a crash) must show as
+            # failed in W&B, not finished; wandb's own exit hook comes too late, the run is finished by then
+            self._wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
 
 
 def reduce_mean(values: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,12 @@ are averaged over ranks in buckets that overlap the backward pass.
 
 from __future__ import annotations
 
+import cli_help
+
+# `--help`/`-h` is answered here at once; the imports below (torch, transformers, Hydra) take seconds.
+cli_help.exit_if_help(__doc__, __name__)
+# ruff: noqa: E402
+
 import contextlib
 from contextlib import AbstractContextManager
 
@@ -77,6 +83,7 @@ STRATEGY = Strategy(
     grad_sync=ddp_grad_sync,
     forward_context=bf16_autocast,
     graphs=True,
+    optimizer_master_weights=True,  # TE FusedAdam over BF16 or FP8 replicas
     inert_keys=("use_meta_device", "fsdp", "mfsdp"),
 )
 

@@ -10,6 +10,12 @@ in BF16 and gradients reduced in FP32, with FP32 master weights kept in the opti
 
 from __future__ import annotations
 
+import cli_help
+
+# `--help`/`-h` is answered here at once; the imports below (torch, transformers, Hydra) take seconds.
+cli_help.exit_if_help(__doc__, __name__)
+# ruff: noqa: E402
+
 import contextlib
 from collections.abc import Iterator
 

@@ -14,6 +14,12 @@ and accumulated in FP32 (`mfsdp.grad_reduce_dtype`).
 
 from __future__ import annotations
 
+import cli_help
+
+# `--help`/`-h` is answered here at once; the imports below (torch, transformers, Hydra) take seconds.
+cli_help.exit_if_help(__doc__, __name__)
+# ruff: noqa: E402
+
 import contextlib
 import logging
 from collections.abc import Iterator

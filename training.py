@@ -71,7 +71,8 @@ class Strategy:
     `grad_sync(model, sync)` skips gradient reduction on accumulation micro-batches (`sync=False`);
     `forward_context(device)` is the precision context around each forward; `clip_grads(model, max_norm)` clips by
     the global norm and returns it; `state_dict` presents model and optimizer state to DCP and the export.
-    `needs_cuda`, `compiles` and `graphs` (can run `cuda_graphs`) are checked at start-up; `inert_keys` are
+    `needs_cuda`, `compiles`, `graphs` (can run `cuda_graphs`) and `optimizer_master_weights` (can keep the FP32
+    master weights in TE's FusedAdam over BF16/FP8 parameters) are checked at start-up; `inert_keys` are
     configuration keys (or sections) this strategy does not read: one changed from its default is named once in
     the log.
     """
@@ -86,6 +87,7 @@ class Strategy:
     needs_cuda: bool = False
     compiles: bool = True
     graphs: bool = False
+    optimizer_master_weights: bool = False
     inert_keys: tuple[str, ...] = ()
 
 
@@ -160,16 +162,44 @@ def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
     return Run(cfg, context, tokenizer, model_config, use_te, layout, train_stream, validation_loader, lock)
 
 
-def build_optimizer(optimizer_cfg: Any, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW as ESM-2 trained it (weight decay on all parameters); the fused CUDA kernel on GPU."""
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=float(optimizer_cfg.lr),
-        betas=tuple(optimizer_cfg.betas),
-        eps=float(optimizer_cfg.eps),
-        weight_decay=float(optimizer_cfg.weight_decay),
-        fused=device.type == "cuda",
-    )
+def build_optimizer(
+    optimizer_cfg: Any, model: nn.Module, device: torch.device, master_weights: str = "model"
+) -> torch.optim.Optimizer:
+    """AdamW as ESM-2 trained it (weight decay on all parameters); the fused CUDA kernel on GPU.
+
+    With `master_weights="optimizer"` it is TE's FusedAdam in AdamW mode holding an FP32 copy of every parameter:
+    the model's BF16 (or FP8) parameters are rewritten from those copies after each step, inside the same kernel.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    hyper = {
+        "lr": float(optimizer_cfg.lr),
+        "betas": tuple(optimizer_cfg.betas),
+        "eps": float(optimizer_cfg.eps),
+        "weight_decay": float(optimizer_cfg.weight_decay),
+    }
+    if master_weights == "optimizer":
+        return master_weights_adam(params, hyper)
+    return torch.optim.AdamW(params, **hyper, fused=device.type == "cuda")
+
+
+def master_weights_adam(params: list[nn.Parameter], hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    """TE's FusedAdam (AdamW mode) with FP32 master weights, safe for FP8 primary weights.
+
+    Its FP8 kernel rewrites an FP8 weight's data but not the transposed copy that Hopper's backward GEMMs read, and
+    that copy would stay valid for TE; marking it stale after each step makes the next backward rebuild it.
+    """
+    from transformer_engine.pytorch.optimizers import FusedAdam
+
+    class MasterWeightsAdam(FusedAdam):
+        def step(self, closure: Callable[[], Any] | None = None) -> Any:
+            result = super().step(closure)
+            for param in self.quantized_params:
+                param._reset_caches()
+            return result
+
+    optimizer = MasterWeightsAdam(params, **hyper, adam_w_mode=True, master_weights=True)
+    optimizer.quantized_params = [p for p in params if hasattr(p, "_reset_caches")]
+    return optimizer
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -188,7 +218,8 @@ def build_training(
 ) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The wrapped model, its optimizer (built after wrapping: it steps the strategy's parameters) and schedule."""
     model = strategy.build_model(run)
-    optimizer = strategy.prepare_optimizer(build_optimizer(run.cfg.optimizer, model, run.context.device))
+    optimizer = build_optimizer(run.cfg.optimizer, model, run.context.device, run.cfg.master_weights)
+    optimizer = strategy.prepare_optimizer(optimizer)
     return model, optimizer, build_scheduler(run.cfg, optimizer)
 
 

@@ -4,7 +4,8 @@
 
 For each precision: graphs against static (the same batches, eager) and static against dynamic (today's packing):
 steps compared, steps bit-identical, the largest absolute and relative loss difference, and the step time
-(median over steps after the first 10, from the per-step log windows).
+(median over steps after the first 10, from the per-step log windows). With `--track RUN REFERENCE`: how closely
+one run's loss curve follows another's (benchmarks/fp8_weights_check.sh), over windows of `--window` steps.
 """
 
 from __future__ import annotations
@@ -36,11 +37,30 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> str:
     return f"{n} steps, {same} bit-identical, max |Δloss| {diff.max():.3g} (relative {relative:.3g})"
 
 
+def track(a: dict[str, np.ndarray], b: dict[str, np.ndarray], window: int) -> str:
+    """How closely run `a` follows run `b`: per-step noise averaged over windows of `window` steps."""
+    n = min(len(a["loss"]), len(b["loss"])) // window * window
+    if n == 0:
+        return f"fewer than {window} steps to compare"
+    mean_a, mean_b = (run["loss"][:n].reshape(-1, window).mean(1) for run in (a, b))
+    relative = np.abs(mean_a - mean_b) / mean_b
+    return (
+        f"{n} steps in windows of {window}: max relative difference of window means {relative.max():.2%} (window "
+        f"{int(relative.argmax()) + 1}), last window {mean_a[-1]:.4f} vs {mean_b[-1]:.4f} ({relative[-1]:.2%})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--model", default="esm2_t12_35M_UR50D")
+    parser.add_argument("--track", nargs=2, metavar=("RUN", "REFERENCE"), help="compare two runs' loss curves instead")
+    parser.add_argument("--window", type=int, default=20)
     args = parser.parse_args()
+    if args.track:
+        run, reference = (per_step(args.out / f"{args.model}_{name}.jsonl") for name in args.track)
+        print(f"{args.model} {args.track[0]} vs {args.track[1]}: {track(run, reference, args.window)}")
+        return
     runs = {p.stem.removeprefix(f"{args.model}_"): per_step(p) for p in sorted(args.out.glob(f"{args.model}_*.jsonl"))}
     precisions = sorted({name.rsplit("_", 1)[0] for name in runs})
     for precision in precisions:

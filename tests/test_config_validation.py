@@ -145,6 +145,52 @@ def test_cuda_graphs_need_a_gpu():
         validate(cfg, use_te=False, strategy=train_ddp.STRATEGY)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "strategy", "messages"),
+    [
+        (["master_weights=gpu"], train_ddp.STRATEGY, ["master_weights='gpu': must be one of ('model', 'optimizer')"]),
+        (
+            ["master_weights=optimizer", "use_fp32_master_weights=false"],
+            train_ddp.STRATEGY,
+            ["use_fp32_master_weights=false asks for none"],
+        ),
+        (["master_weights=optimizer"], train_fsdp2.STRATEGY, ["not supported by train_fsdp2.py"]),
+        (["master_weights=optimizer"], train_mfsdp.STRATEGY, ["not supported by train_mfsdp.py"]),
+        (
+            ["fp8_config.quantized_model_init=true"],
+            train_ddp.STRATEGY,
+            ["needs FP8 on", "add master_weights=optimizer"],
+        ),
+        (
+            [
+                "precision=fp8_delayed",
+                "fp8_config.quantized_model_init=true",
+                "master_weights=optimizer",
+                "cuda_graphs=true",
+                "use_sequence_packing=true",
+                "pretrained=true",
+            ],
+            train_ddp.STRATEGY,
+            ["quantized_model_init=true and cuda_graphs=true exclude each other", "cannot load pretrained weights"],
+        ),
+        (["fp8_config.quantized_model_init=maybe"], train_ddp.STRATEGY, ["must be true or false"]),
+    ],
+)
+def test_master_weights_in_the_optimizer_and_fp8_primary_weights_are_refused_where_they_cannot_work(
+    overrides, strategy, messages
+):
+    with pytest.raises(ConfigError) as error:
+        validate(compose("L0_sanity", overrides), use_te=True, strategy=strategy)
+    for message in messages:
+        assert message in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without a GPU")
+def test_master_weights_in_the_optimizer_need_a_gpu():
+    with pytest.raises(ConfigError, match="master_weights=optimizer needs TransformerEngine's FusedAdam on a GPU"):
+        validate(compose("L0_sanity", ["master_weights=optimizer"]), use_te=False, strategy=train_ddp.STRATEGY)
+
+
 def test_megatron_fsdp_refuses_cuda_graphs():
     cfg = compose("L0_sanity", ["cuda_graphs=true", "use_sequence_packing=true"])
     with pytest.raises(ConfigError, match=r"cuda_graphs=true is not supported by train_mfsdp\.py"):

@@ -457,3 +457,60 @@ def test_config_validation(te_esm) -> None:
         thd_model(ids[:1])
     with pytest.raises(TypeError, match="max_seqlen must be a Python int"):
         thd_model(ids[:1], cu_seqlens=torch.zeros(3, dtype=torch.int32, device="meta"), max_seqlen=torch.tensor(8))
+
+
+def test_fp8_primary_weights_train_with_fresh_transposes(te_esm, bshd_batch) -> None:
+    """FP8 primary weights (quantized_model_init) under TE's FusedAdam with FP32 master weights, as train_ddp.py runs.
+
+    Hopper's backward GEMMs read a transposed FP8 copy of each weight; the optimizer rewrites the weight, so every
+    backward after a step must see a transpose of the new data, not the first step's.
+    """
+    import transformer_engine.pytorch as te
+    from transformer_engine.common.recipe import DelayedScaling
+
+    from checkpoint import DistributedStateDict
+    from training import master_weights_adam
+
+    available, reason = te.is_fp8_available(return_reason=True)
+    if not available:
+        pytest.skip(f"FP8 unavailable: {reason}")
+    packed = pack(bshd_batch, 1)
+    recipe = DelayedScaling()
+    config = te_esm.NVEsmConfig.from_esm_config(
+        EsmConfig.from_pretrained(MODEL_CONFIGS / SMALL),
+        params_dtype="bfloat16",
+        attn_input_format="thd",
+        fp8_layers=[2, 3, 4, 5],
+    )
+    torch.manual_seed(0)
+    model = te_esm.NVEsmForMaskedLM(config, device="cuda", fp8_weights_recipe=recipe).train()
+    model.set_fp8(recipe)
+    fp8_weights = {n: p for n, p in model.named_parameters() if isinstance(p, te.QuantizedTensor)}
+    layers_with_fp8 = sorted({int(n.split(".")[3]) + 1 for n in fp8_weights})
+    assert layers_with_fp8 == [2, 3, 4, 5] and all(n.endswith("weight") for n in fp8_weights)
+    assert not isinstance(model.esm.embeddings.word_embeddings.weight, te.QuantizedTensor)
+
+    optimizer = master_weights_adam(
+        list(model.parameters()), {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.01}
+    )
+    losses, stale = [], []
+    for _ in range(4):
+        loss = model(**packed).loss
+        loss.backward()
+        losses.append(loss.item())
+        for name, param in fp8_weights.items():
+            transpose = getattr(param, "_transpose", None)
+            if transpose is not None and not param._transpose_invalid:
+                stale += [name] if not torch.equal(transpose, param._data.t().contiguous()) else []
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert not stale, f"backward read stale FP8 transposes: {stale[:3]}"
+    assert losses[-1] < losses[0], losses
+    masters = [optimizer.state[p]["master_param"] for p in fp8_weights.values()]
+    assert all(m.dtype == torch.float32 for m in masters)
+
+    exported = DistributedStateDict().full_model_state_dict(model)
+    for name, param in fp8_weights.items():
+        assert type(exported[name]) is torch.Tensor and exported[name].dtype == torch.bfloat16
+        assert torch.equal(exported[name], param.dequantize().cpu())
+    record("fp8_primary_weights", losses=[round(v, 4) for v in losses], fp8_weights=len(fp8_weights))
