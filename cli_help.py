@@ -94,6 +94,16 @@ def read_config(path: Path) -> ConfigFile:
     """
     text = path.read_text()
     lines = text.splitlines()
+    config = _document(lines, _keys_by_line(text, lines))
+    values = group_option_values(config, path.parent)
+    for key in config.all_keys():
+        if key.comment_only:
+            key.default = values.get(key.name, "")
+    return config
+
+
+def _keys_by_line(text: str, lines: list[str]) -> dict[int, Key]:
+    """Every key the file sets, by its line number, with its value as written and its inline comment."""
     root = yaml.compose(text)
     by_line: dict[int, Key] = {}
 
@@ -123,7 +133,11 @@ def read_config(path: Path) -> ConfigFile:
 
     if isinstance(root, yaml.MappingNode):
         walk(root, "")
+    return by_line
 
+
+def _document(lines: list[str], by_line: dict[int, Key]) -> ConfigFile:
+    """Attach the comment lines to the keys (continuations, notes above, `# dotted.key:` lines) under their sections."""
     intro: list[str] = []
     sections = [Section("")]
     groups = Section("config groups (group=option)")
@@ -162,12 +176,7 @@ def read_config(path: Path) -> ConfigFile:
         else:
             notes.append(comment)
             last = None
-    config = ConfigFile(intro, [section for section in sections if section.keys])
-    values = group_option_values(config, path.parent)
-    for key in config.all_keys():
-        if key.comment_only:
-            key.default = values.get(key.name, "")
-    return config
+    return ConfigFile(intro, [section for section in sections if section.keys])
 
 
 def describe(path: Path) -> str:

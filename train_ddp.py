@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import cli_help
 
-# `--help`/`-h` is answered here at once; the imports below (torch, transformers, Hydra) take seconds.
-cli_help.exit_if_help(__doc__, __name__)
-# ruff: noqa: E402
-
+cli_help.exit_if_help(__doc__, __name__)  # answers --help at once, before the imports below (seconds of torch)
 import contextlib
 from contextlib import AbstractContextManager
 

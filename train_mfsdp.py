@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import cli_help
 
-# `--help`/`-h` is answered here at once; the imports below (torch, transformers, Hydra) take seconds.
-cli_help.exit_if_help(__doc__, __name__)
-# ruff: noqa: E402
-
+cli_help.exit_if_help(__doc__, __name__)  # answers --help at once, before the imports below (seconds of torch)
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -57,9 +54,9 @@ def apply_megatron_fsdp(
     `mesh` has a data-parallel dimension "dp" and a trivial tensor-parallel one "tp" (Megatron-FSDP wants one for TE
     layers). The model's weights become the BF16 compute weights, all-gathered and multiplied; Megatron-FSDP keeps
     `main_params_dtype` main weights for the optimizer, copied from them (None: the optimizer steps the compute
-    weights), and accumulates gradients in `main_grads_dtype` (None: the weights' dtype). So a model built whole in
-    FP32 (pretrained=true, or use_meta_device=false) starts from BF16-rounded weights, unlike FSDP2. `on_meta`: the
-    model is on the meta device and Megatron-FSDP materialises it module by module, with ESM-2's initial weights.
+    weights), and accumulates gradients in `main_grads_dtype` (None: the weights' dtype), so a model built whole in
+    FP32 starts from BF16-rounded weights, unlike FSDP2. `on_meta`: Megatron-FSDP materialises the meta-device model
+    module by module, with ESM-2's initial weights.
     """
     cast_parameters(model, torch.bfloat16)
     return_tuple_outputs(model)
@@ -116,9 +113,8 @@ def mfsdp_grad_sync(model: MegatronFSDP, sync: bool) -> Iterator[None]:
     """Finish gradient reduction only on a step's last micro-batch.
 
     On earlier micro-batches auto-sync is off, so sharded-gradient strategies overlap their reduce-scatter with the
-    next micro-batch, and `no_sync` keeps `no_shard`/`optim` from reducing the accumulating buffer more than once.
-    (Those two strategies log a warning each time auto-sync is switched back on; harmless here, since the loop zeroes
-    the gradient buffers after every step.)
+    next micro-batch, and `no_sync` keeps `no_shard`/`optim` from reducing the accumulating buffer more than once
+    (they warn when auto-sync comes back on: harmless, the loop zeroes the gradient buffers after every step).
     """
     if model.model_auto_sync != sync:
         model.set_model_auto_sync(sync)
@@ -131,9 +127,7 @@ def build_mfsdp_model(run: Run) -> MegatronFSDP:
     cfg, context, options = run.cfg, run.context, run.cfg.mfsdp
     if context.world_size > 1 and fp8_enabled(cfg):
         logger.warning(
-            "Open problem: Megatron-FSDP with FP8 on several GPUs diverged for a while in our 2-GPU test run (the same "
-            "run in BF16, and FSDP2 or DDP in FP8, did not); prefer train_fsdp2.py for multi-GPU FP8 (README: "
-            "Parallelism)."
+            "Open problem: Megatron-FSDP in FP8 diverged for a time on 2 GPUs; use train_fsdp2.py (see README)."
         )
     # Megatron-FSDP refuses meta-device models with no_shard (nothing to shard); pretrained weights are loaded whole.
     on_meta = cfg.use_meta_device and not cfg.pretrained and options.zero_dp_strategy != "no_shard"

@@ -129,25 +129,6 @@ def test_unknown_recipe_and_reference_model_packing_are_refused():
             ],
         ),
         (["cuda_graphs=true"], train_ddp.STRATEGY, ["cuda_graphs=true needs use_sequence_packing=true"]),
-    ],
-)
-def test_static_shapes_and_cuda_graphs_are_refused_where_they_cannot_work(overrides, strategy, messages):
-    with pytest.raises(ConfigError) as error:
-        validate(compose("L0_sanity", overrides), use_te=True, strategy=strategy)
-    for message in messages:
-        assert message in str(error.value)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without a GPU")
-def test_cuda_graphs_need_a_gpu():
-    cfg = compose("L0_sanity", ["cuda_graphs=true", "use_sequence_packing=true"])
-    with pytest.raises(ConfigError, match="cuda_graphs=true needs the TransformerEngine model on a GPU"):
-        validate(cfg, use_te=False, strategy=train_ddp.STRATEGY)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "strategy", "messages"),
-    [
         (["master_weights=gpu"], train_ddp.STRATEGY, ["master_weights='gpu': must be one of ('model', 'optimizer')"]),
         (
             ["master_weights=optimizer", "use_fp32_master_weights=false"],
@@ -176,13 +157,18 @@ def test_cuda_graphs_need_a_gpu():
         (["fp8_config.quantized_model_init=maybe"], train_ddp.STRATEGY, ["must be true or false"]),
     ],
 )
-def test_master_weights_in_the_optimizer_and_fp8_primary_weights_are_refused_where_they_cannot_work(
-    overrides, strategy, messages
-):
+def test_static_shapes_graphs_and_master_weights_are_refused_where_they_cannot_work(overrides, strategy, messages):
     with pytest.raises(ConfigError) as error:
         validate(compose("L0_sanity", overrides), use_te=True, strategy=strategy)
     for message in messages:
         assert message in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without a GPU")
+def test_cuda_graphs_need_a_gpu():
+    cfg = compose("L0_sanity", ["cuda_graphs=true", "use_sequence_packing=true"])
+    with pytest.raises(ConfigError, match="cuda_graphs=true needs the TransformerEngine model on a GPU"):
+        validate(cfg, use_te=False, strategy=train_ddp.STRATEGY)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without a GPU")

@@ -47,3 +47,20 @@ def test_rank_zero_logs_as_before(root_logging):
     assert root_logging == ["Model: esm2_t6_8M_UR50D"]
     assert not any(isinstance(f, RankPrefix) for h in logging.getLogger().handlers for f in h.filters)
     assert logging.getLogger().level == logging.INFO
+
+
+def test_transformer_engine_import_notes_are_dropped_but_its_warnings_kept(root_logging):
+    """The two lines TE writes into every GPU log at import (seen on the lent H200), and a real TE warning."""
+    te_log = logging.getLogger("TransformerEngine")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        configure_process_logs(0)  # its filters go on top of the "always" of this block
+        warnings.warn(
+            "Detected a Jax installation but could not find the shared object file", RuntimeWarning, stacklevel=1
+        )
+        te_log.info("torch.compile custom-op path disabled: could not register OpaqueValueBundle")
+        te_log.warning("FP8 amax history is shorter than the recipe asks")
+        warnings.warn("a user-visible RuntimeWarning", RuntimeWarning, stacklevel=1)
+    assert root_logging[0] == "FP8 amax history is shorter than the recipe asks"
+    assert len(root_logging) == 2 and "a user-visible RuntimeWarning" in root_logging[1]
+    te_log.setLevel(logging.NOTSET)

@@ -193,17 +193,29 @@ def test_slurm_launch_line_runs_two_nodes(tmp_path):
             f"logger.metrics_file={tmp_path / f'node{node}.jsonl'}",
             f"hydra.run.dir={tmp_path / f'hydra{node}'}",
         ]
+        log_file = (tmp_path / f"node{node}.log").open("w")  # a file, not a pipe: neither node can block on it
         nodes.append(
             subprocess.Popen(
                 ["bash", "slurm.sh", "--node", "train_ddp.py", *args],
                 cwd=RECIPE_DIR,
                 env=env,
-                stdout=subprocess.PIPE,
+                stdout=log_file,
                 stderr=subprocess.STDOUT,
-                text=True,
+                start_new_session=True,  # its own process group: a stuck node is stopped with its torchrun and ranks
             )
         )
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    deadline = time.monotonic() + 300
+    try:
+        for node in nodes:
+            node.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass  # reported below, with both nodes' logs
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    outputs = [(tmp_path / f"node{node}.log").read_text() for node in (0, 1)]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
     assert "--nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d" in outputs[0]
     log = "\n".join(outputs)
