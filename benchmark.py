@@ -73,7 +73,7 @@ from loader import shutdown_workers
 from model import count_parameters, te_unavailable_reason
 from parallel import unwrap
 from perf_logger import peak_memory_gib
-from precision import fp8_enabled, unsupported_reason
+from precision import fp4_enabled, fp8_enabled, unsupported_reason
 from training import Run, Strategy, TrainResult, build_training, setup_run, train_loop
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ VARIANTS: dict[str, Variant] = {
     "te_thd_fp8_current": Variant("TE THD + FP8 current scaling", True, "fp8_current", packed=True),
     "te_thd_fp8_block": Variant("TE THD + FP8 block scaling", True, "fp8_block", packed=True),
     "te_thd_mxfp8": Variant("TE THD + MXFP8 (Blackwell)", True, "mxfp8", packed=True),
+    "te_thd_nvfp4": Variant("TE THD + NVFP4 (Blackwell)", True, "nvfp4", packed=True),
 }
 
 
@@ -294,14 +295,14 @@ def weights_mode(cfg: DictConfig) -> str:
 
 
 def skip_reason(cfg: DictConfig, variant: Variant, strategy: Strategy) -> str | None:
-    """Why this variant cannot run on this machine (no GPU or TE, or an FP8 recipe this GPU lacks), or None."""
+    """Why this variant cannot run on this machine (no GPU or TE, or a recipe this GPU lacks), or None."""
     if strategy.needs_cuda and not torch.cuda.is_available():
         return f"{strategy.name} needs CUDA GPUs"
     if variant.use_te and (reason := te_unavailable_reason()):
         return f"TE model: {reason}"
-    if fp8_enabled(cfg):
-        return unsupported_reason(cfg.fp8_config.recipe, torch.device("cuda", torch.cuda.current_device()))
-    return None
+    device = torch.device("cuda", torch.cuda.current_device()) if fp8_enabled(cfg) or fp4_enabled(cfg) else None
+    recipes = [cfg.fp8_config.recipe] * fp8_enabled(cfg) + [cfg.fp4_config.recipe] * fp4_enabled(cfg)
+    return next((reason for name in recipes if (reason := unsupported_reason(name, device))), None)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 from convert import EXTRA_STATE_SUFFIX
 from distributed import STOP_SIGNALS, DistributedContext, all_gather_object, any_rank
 from parallel import plain_name
+from precision import PrecisionPlan
 
 logger = logging.getLogger(__name__)
 
@@ -675,6 +676,12 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint is of a {saved.get('model', '?')} model ({saved['parameters']:,} parameters), config asks "
                 f"for {now.get('model', '?')} ({now.get('parameters', 0):,} parameters)"
+            )
+        if "precision_plan" in saved and saved["precision_plan"] != now.get("precision_plan"):
+            before, after = (PrecisionPlan.from_dict(facts["precision_plan"]).describe() for facts in (saved, now))
+            raise CheckpointError(
+                f"checkpoint was trained with the precision plan '{before}', this run asks for '{after}'. Resume with "
+                "the same precision, fp8_layers and fp4_layers, or start the new plan in another checkpoint.ckpt_dir"
             )
         if train_state["world_size"] != self.context.world_size:
             logger.info(

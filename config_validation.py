@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dataset import SUPPORTED_FORMATS, resolve_path
 from model import MASTER_WEIGHTS_HOMES, USE_TE_CHOICES
-from precision import precision_problems
+from precision import plan_problems, precision_problems
 
 if TYPE_CHECKING:
     from transformers import EsmConfig
@@ -79,9 +79,9 @@ def missing_keys(cfg: DictConfig, prefix: str = "") -> Iterator[str]:
 
 
 @cache
-def precision_keys() -> frozenset[str]:
-    """The keys of `fp8_config`, which the precision presets (hydra_config/precision/) define."""
-    return frozenset(OmegaConf.load(PRECISION_DIR / "bf16.yaml").fp8_config)
+def precision_keys(section: str = "fp8_config") -> frozenset[str]:
+    """The keys of `fp8_config` or `fp4_config`, which the precision presets (hydra_config/precision/) define."""
+    return frozenset(OmegaConf.load(PRECISION_DIR / "bf16.yaml")[section])
 
 
 def _did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
@@ -94,13 +94,14 @@ def _unknown_keys(cfg: DictConfig) -> list[str]:
 
     A typo would otherwise do nothing, however it was written (`key=...` is refused by Hydra itself, `+key=...` here).
     """
-    top = set(defaults()) - {"defaults"} | {"fp8_config", "benchmark"}
+    top = set(defaults()) - {"defaults"} | {"fp8_config", "fp4_config", "benchmark"}
     problems = [
         f"{key}: unknown key.{_did_you_mean(key, top)} Every key is documented in hydra_config/defaults.yaml."
         for key in cfg
         if key not in top
     ]
-    sections = {section: set(defaults()[section]) for section in CHECKED_SECTIONS} | {"fp8_config": precision_keys()}
+    sections = {section: set(defaults()[section]) for section in CHECKED_SECTIONS}
+    sections |= {section: precision_keys(section) for section in ("fp8_config", "fp4_config")}
     for section, known in sections.items():
         listed = ", ".join(sorted(known))
         problems += [
@@ -122,6 +123,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("use_fp32_master_weights", _bool, "must be true or false"),
     ("master_weights", lambda v: v in MASTER_WEIGHTS_HOMES, f"must be one of {MASTER_WEIGHTS_HOMES}"),
     ("fp8_config.quantized_model_init", _bool, "must be true or false"),
+    ("fp4_config.stochastic_rounding", _bool, "must be true or false"),
+    ("fp4_config.random_hadamard", _bool, "must be true or false"),
+    ("fp4_config.two_d_weight_quantization", _bool, "must be true or false"),
     ("fp32_residual_connection", _bool, "must be true or false"),
     ("static_shapes", _bool, "must be true or false"),
     ("cuda_graphs", _bool, "must be true or false"),
@@ -202,14 +206,7 @@ def _model_problems(cfg: DictConfig, model_config: EsmConfig) -> list[str]:
             f"dataset.max_seq_length={length!r}: must be an integer from 3 to the model's max_position_embeddings "
             f"({max_positions}); longer sequences are cropped to it"
         )
-    layers = cfg.fp8_layers
-    if layers is not None and not (
-        all(_positive_int(n) and n <= num_layers for n in layers) and len(set(layers)) == len(layers)
-    ):
-        problems.append(
-            f"fp8_layers={list(layers)!r}: must list distinct 1-based layer numbers from 1 to {num_layers} (or be null "
-            "for every layer)"
-        )
+    problems += plan_problems(cfg, num_layers)[1]
     budget = cfg.token_micro_batch_size
     if budget is not None and not (_positive_int(budget) and _positive_int(length) and budget >= length):
         problems.append(
@@ -258,6 +255,11 @@ def _static_shape_problems(cfg: DictConfig, use_te: bool, strategy: StrategyRule
         problems.append("cuda_graphs=true needs the TransformerEngine model on a GPU (use_te=auto|true on a GPU host)")
     if cfg.use_torch_compile:
         problems.append("cuda_graphs=true and use_torch_compile=true exclude each other; pick one")
+    if cfg.fp8_config.enabled and cfg.fp4_config.enabled:
+        problems.append(
+            "cuda_graphs=true captures the layers under one recipe, so a plan mixing FP8 and NVFP4 layers cannot be "
+            "graphed: use one of the two formats (BF16 layers may stay), or cuda_graphs=false"
+        )
     return problems
 
 

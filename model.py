@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed import is_distributed
-from precision import build_fp8_recipe
+from precision import build_fp4_recipe, build_fp8_recipe, resolve_plan
 
 if TYPE_CHECKING:  # transformers' model classes take a second to import: only where they are used
     from transformers import EsmConfig
@@ -115,7 +115,8 @@ def build_model(
     """The masked-LM model on `device` ("meta" defers allocation until after sharding; see `materialize`).
 
     The TE model is built for the batch layout (`thd` for packed batches, else `bshd`) and, with FP8 on, gets its
-    recipe here: FP8 covers the transformer layers (or `fp8_layers`), never the embeddings or LM head.
+    recipes here: FP8 and NVFP4 cover the transformer layers as the precision plan says (`fp8_layers`,
+    `fp4_layers`; precision.py), never the embeddings or LM head.
     """
     dtype = parameter_dtype(cfg, device)
     if not use_te:
@@ -132,21 +133,23 @@ def build_model(
 
     from modeling_esm_te import NVEsmConfig, NVEsmForMaskedLM
 
+    plan = resolve_plan(cfg, config.num_hidden_layers)
     te_config = NVEsmConfig.from_esm_config(
         config,
         attn_input_format=attn_input_format,
-        fp8_layers=None if cfg.fp8_layers is None else list(cfg.fp8_layers),
+        fp8_layers=plan.numbers("fp8"),
+        fp4_layers=plan.numbers("fp4"),
         params_dtype=str(dtype).removeprefix("torch."),
         fp32_residual_connection=bool(cfg.fp32_residual_connection),
     )
-    recipe = build_fp8_recipe(cfg)
+    recipe, fp4_recipe = build_fp8_recipe(cfg), build_fp4_recipe(cfg)
     if cfg.pretrained:
         model = NVEsmForMaskedLM.from_hf_checkpoint(model_directory(cfg.model_tag), config=te_config).to(device)
     else:
         fp8_weights = recipe if recipe is not None and cfg.fp8_config.quantized_model_init else None
         model = NVEsmForMaskedLM(te_config, device=device, fp8_weights_recipe=fp8_weights)
     fp8_group = dist.group.WORLD if is_distributed() else None
-    model.set_fp8(recipe, fp8_group=fp8_group)  # amax of delayed scaling reduced over all ranks
+    model.set_fp8(recipe, fp8_group=fp8_group, fp4_recipe=fp4_recipe)  # amax of delayed scaling reduced over all ranks
     return model
 
 

@@ -60,7 +60,9 @@ class NVEsmConfig(EsmConfig):
         fuse_qkv_params: one fused QKV weight per layer (TE's per-head interleaved layout) instead of three.
         padded_vocab_size: rows of the embedding and LM decoder (real vocab rounded up to a multiple of 64 for
             tensor cores); None means no padding. Logits are always sliced back to ``vocab_size``.
-        fp8_layers: 1-based layer numbers that run in FP8 once ``set_fp8`` is given a recipe; None means all layers.
+        fp8_layers: 1-based layer numbers that run in FP8 once ``set_fp8`` is given a recipe; None means all layers
+            not in ``fp4_layers``.
+        fp4_layers: 1-based layer numbers that run in NVFP4 once ``set_fp8`` is given an FP4 recipe (None: none).
         params_dtype: dtype parameters are created in (``"float32"``, ``"bfloat16"`` or ``"float16"``).
         fp32_residual_connection: keep the residual stream between and inside the layers in FP32 while the layers
             compute in BF16, as transformers' ESM does under ``torch.autocast``. ``te.TransformerLayer`` otherwise
@@ -75,6 +77,7 @@ class NVEsmConfig(EsmConfig):
     fuse_qkv_params: bool = True
     padded_vocab_size: int | None = 64
     fp8_layers: list[int] | None = None
+    fp4_layers: list[int] | None = None
     params_dtype: str = "float32"
     fp32_residual_connection: bool = False
 
@@ -98,15 +101,16 @@ class NVEsmConfig(EsmConfig):
                     f"padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size ({self.vocab_size}); use "
                     f"{round_up_vocab(self.vocab_size)} (vocab rounded up to a multiple of 64) or None"
                 )
-        if self.fp8_layers is not None:
-            layers = list(self.fp8_layers)
+        for key in ("fp8_layers", "fp4_layers"):
+            if (layers := getattr(self, key)) is None:
+                continue
             valid = range(1, self.num_hidden_layers + 1)
             if any(isinstance(n, bool) or not isinstance(n, int) or n not in valid for n in layers):
-                raise ValueError(
-                    f"fp8_layers must list 1-based layer numbers in 1..{self.num_hidden_layers}, got {self.fp8_layers}"
-                )
+                raise ValueError(f"{key} must list 1-based layer numbers in 1..{self.num_hidden_layers}, got {layers}")
             if len(set(layers)) != len(layers):
-                raise ValueError(f"fp8_layers lists a layer more than once: {self.fp8_layers}")
+                raise ValueError(f"{key} lists a layer more than once: {layers}")
+        if self.fp8_layers is not None and self.fp4_layers is not None and set(self.fp8_layers) & set(self.fp4_layers):
+            raise ValueError(f"fp8_layers {self.fp8_layers} and fp4_layers {self.fp4_layers} share layers")
 
     @classmethod
     def from_esm_config(cls, esm_config: EsmConfig, **te_options: Any) -> "NVEsmConfig":
@@ -278,6 +282,7 @@ class NVEsmEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.fp8_layers = None if config.fp8_layers is None else frozenset(config.fp8_layers)
+        self.fp4_layers = frozenset(config.fp4_layers or ())
         self.layers = nn.ModuleList(
             self._build_layer(config, index + 1, device, dtype, fp8_weights_recipe)
             for index in range(config.num_hidden_layers)
@@ -286,6 +291,7 @@ class NVEsmEncoder(nn.Module):
             config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype
         )
         self.fp8_recipe: Any = None
+        self.fp4_recipe: Any = None
         self.fp8_group: Any = None
 
     def _build_layer(
@@ -299,7 +305,8 @@ class NVEsmEncoder(nn.Module):
         # TE defers initialisation only when `device == "meta"` compares equal, which a torch.device never does with a
         # str; given torch.device("meta") it would materialise every weight on the GPU.
         te_device = "meta" if device.type == "meta" else device
-        quantized = fp8_weights_recipe is not None and (self.fp8_layers is None or layer_number in self.fp8_layers)
+        in_fp8 = layer_number not in self.fp4_layers and (self.fp8_layers is None or layer_number in self.fp8_layers)
+        quantized = fp8_weights_recipe is not None and in_fp8
         with te.quantized_model_init(enabled=quantized, recipe=fp8_weights_recipe):
             return EsmTransformerLayer(
                 fp32_residual_connection=config.fp32_residual_connection,
@@ -323,14 +330,31 @@ class NVEsmEncoder(nn.Module):
                 device=te_device,
             )
 
+    @property
+    def outer_recipe(self) -> Any:
+        """The recipe of the autocast around all layers: FP8's, else NVFP4's (each layer may override it)."""
+        return self.fp8_recipe if self.fp8_recipe is not None else self.fp4_recipe
+
+    def layer_recipe(self, layer_number: int) -> Any:
+        """The TE recipe this layer runs in (its plan entry), or None for BF16."""
+        if self.fp4_recipe is not None and layer_number in self.fp4_layers:
+            return self.fp4_recipe
+        if self.fp8_recipe is not None and (self.fp8_layers is None or layer_number in self.fp8_layers):
+            return None if layer_number in self.fp4_layers else self.fp8_recipe
+        return None
+
     def _layer_precision(self, layer_number: int) -> AbstractContextManager:
-        """Turn FP8 off for layers outside ``config.fp8_layers`` (e.g. the first and last layers)."""
-        if self.fp8_recipe is not None and not self.layer_uses_fp8(layer_number):
-            return te.autocast(enabled=False, recipe=self.fp8_recipe)
-        return nullcontext()
+        """Override the outer autocast for a layer whose plan entry differs: BF16, or NVFP4 inside an FP8 run."""
+        recipe, outer = self.layer_recipe(layer_number), self.outer_recipe
+        if recipe is outer:
+            return nullcontext()
+        if recipe is None:
+            return te.autocast(enabled=False, recipe=outer)
+        return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=self.fp8_group)
 
     def layer_uses_fp8(self, layer_number: int) -> bool:
-        return self.fp8_recipe is not None and (self.fp8_layers is None or layer_number in self.fp8_layers)
+        """Whether the layer runs quantised (FP8 or NVFP4) under the outer recipe, as CUDA graphs capture it."""
+        return self.layer_recipe(layer_number) is not None
 
     def make_cuda_graphs(self, sample_args: tuple[tuple[torch.Tensor, ...], ...], max_seqlen: int) -> None:
         """Capture each layer's training forward and backward in CUDA graphs (TE's ``make_graphed_callables``).
@@ -344,7 +368,7 @@ class NVEsmEncoder(nn.Module):
             tuple(graphed),
             sample_args,
             enabled=tuple(self.layer_uses_fp8(layer.layer_number) for layer in self.layers),
-            recipe=self.fp8_recipe,
+            recipe=self.outer_recipe,
             amax_reduction_group=self.fp8_group,
         )
         self.__dict__["graphed_layers"] = graphed  # not submodules: the state dict keeps the layers' own names
@@ -352,9 +376,8 @@ class NVEsmEncoder(nn.Module):
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
         graphed = self.__dict__.get("graphed_layers") if self.training else None
-        with te.autocast(
-            enabled=self.fp8_recipe is not None, recipe=self.fp8_recipe, amax_reduction_group=self.fp8_group
-        ):
+        outer = self.outer_recipe
+        with te.autocast(enabled=outer is not None, recipe=outer, amax_reduction_group=self.fp8_group):
             for index, layer in enumerate(self.layers):
                 with self._layer_precision(layer.layer_number):
                     if graphed is None:
@@ -477,12 +500,14 @@ class NVEsmForMaskedLM(nn.Module):
         """Share the decoder weight with the word embeddings (``to_empty`` and sharding replace the Parameters)."""
         self.lm_head.decoder.weight = self.esm.embeddings.word_embeddings.weight
 
-    def set_fp8(self, recipe: Any, fp8_group: Any = None) -> None:
+    def set_fp8(self, recipe: Any, fp8_group: Any = None, fp4_recipe: Any = None) -> None:
         """Run the encoder layers in FP8 with this TE recipe (None: no FP8); embeddings and LM head never use FP8.
 
-        ``fp8_group`` is the process group over which TE reduces FP8 amax statistics (e.g. the data-parallel group).
+        ``fp4_recipe`` (NVFP4) runs ``config.fp4_layers`` in FP4 instead. ``fp8_group`` is the process group over
+        which TE reduces amax statistics (e.g. the data-parallel group).
         """
         self.esm.encoder.fp8_recipe = recipe
+        self.esm.encoder.fp4_recipe = fp4_recipe
         self.esm.encoder.fp8_group = fp8_group
 
     def make_cuda_graphs(self, tokens: int, segments: int, max_seqlen: int, autocast_dtype: torch.dtype | None) -> None:

@@ -40,7 +40,7 @@ from loader import EpochLoader, build_dataloaders, shutdown_workers
 from model import load_model_config, resolve_use_te
 from parallel import clip_grad_norm_, gradient_norms, parameter_memory_gib, unwrap
 from perf_logger import PerfLogger, configure_process_logs
-from precision import check_gpu_supports, fp8_enabled
+from precision import check_gpu_supports, fp4_enabled, fp8_enabled, resolve_plan
 from run_lock import RunLock
 from scheduler import build_esm2_scheduler
 
@@ -145,9 +145,11 @@ def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
     lock = take_checkpoint_dir(cfg)
     try:
         context = init_distributed()
-        if fp8_enabled(cfg):
-            check_gpu_supports(cfg.fp8_config.recipe, context.device)
+        check_gpu_supports(cfg, context.device)
         logger.info("Model: %s, %s.", cfg.model_tag, reason)
+        if use_te:
+            plan = resolve_plan(cfg, model_config.num_hidden_layers).describe()
+            logger.info("Precision plan: %s; embeddings and LM head: BF16.", plan)
         log_inert_keys(cfg, strategy)
         from transformers import AutoTokenizer
 
@@ -366,6 +368,7 @@ def _train(setup: Run, strategy: Strategy) -> TrainResult:
             "model": cfg.model_tag,
             "parameters": sum(p.numel() for p in model.parameters()),
             "num_workers": cfg.dataset.num_workers,
+            "precision_plan": resolve_plan(cfg, setup.model_config.num_hidden_layers).as_dict(),
         },
     )
     checkpointer = Checkpointer(cfg.checkpoint, setup.context, parts)
@@ -394,8 +397,9 @@ def model_card(cfg: DictConfig, result: TrainResult, start_step: int, tokens: in
     config, metrics, sequences = setup.model_config, result.metrics, setup.train_stream.num_sequences
     if not setup.context.uses_cuda:
         precision = "FP32 (CPU)"
-    elif fp8_enabled(cfg):
-        precision = f"FP8 ({cfg.fp8_config.recipe}) in the transformer layers, BF16 elsewhere"
+    elif fp8_enabled(cfg) or fp4_enabled(cfg):
+        plan = resolve_plan(cfg, config.num_hidden_layers).describe()
+        precision = f"transformer {plan}; embeddings and LM head BF16"
     else:
         precision = "BF16"
     weights = "FP32 master weights" if cfg.use_fp32_master_weights else "BF16 weights"

@@ -5,7 +5,7 @@
 For each precision: graphs against static (the same batches, eager) and static against dynamic (today's packing):
 steps compared, steps bit-identical, the largest absolute and relative loss difference, and the step time
 (median over steps after the first 10, from the per-step log windows). With `--track RUN REFERENCE`: how closely
-one run's loss curve follows another's (benchmarks/fp8_weights_check.sh), over windows of `--window` steps.
+one run's loss curve follows another's (benchmarks/low_precision_check.sh), over windows of `--window` steps.
 """
 
 from __future__ import annotations

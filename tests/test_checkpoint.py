@@ -30,6 +30,7 @@ from checkpoint import (
     verify_manifest,
 )
 from distributed import DistributedContext
+from precision import PrecisionPlan
 
 SMALL = [
     "dataset.max_seq_length=64",
@@ -382,7 +383,7 @@ class Position:
         self.state = dict(state)
 
 
-def tiny_checkpointer(ckpt_dir, parameters=None, model_name="tiny"):
+def tiny_checkpointer(ckpt_dir, parameters=None, model_name="tiny", plan=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -393,7 +394,8 @@ def tiny_checkpointer(ckpt_dir, parameters=None, model_name="tiny"):
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
         data=Position(consumed=8),
         fp8=TEExtraState(model),
-        facts={"model": model_name, "parameters": parameters or 15, "num_workers": 0},
+        facts={"model": model_name, "parameters": parameters or 15, "num_workers": 0}
+        | ({"precision_plan": plan.as_dict()} if plan is not None else {}),
     )
     cfg = compose("L0_sanity", [f"checkpoint.ckpt_dir={ckpt_dir}", "checkpoint.save_every_n_steps=2"])
     return Checkpointer(cfg.checkpoint, CPU, parts), model
@@ -455,6 +457,21 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
     message = str(error.value)
     assert "checkpoint is of a tiny model (15 parameters), config asks for esm2_t12_35M_UR50D (33,993,602" in message
     assert len(message.splitlines()) == 1 and len(message) < 600
+
+
+def test_the_precision_plan_travels_with_the_checkpoint_and_another_plan_is_refused(tmp_path):
+    mixed = PrecisionPlan(("bf16", "fp8", "fp8", "fp8", "fp8", "bf16"), "Float8CurrentScaling")
+    checkpointer, _ = tiny_checkpointer(tmp_path, plan=mixed)
+    assert checkpointer.save(2)
+    same, _ = tiny_checkpointer(tmp_path, plan=PrecisionPlan.from_dict(mixed.as_dict()))
+    assert same.resume() == 2
+    all_fp8 = PrecisionPlan(("fp8",) * 6, "Float8CurrentScaling")
+    other, _ = tiny_checkpointer(tmp_path, plan=all_fp8)
+    with pytest.raises(CheckpointError) as error:
+        other.resume()
+    message = str(error.value)
+    assert "trained with the precision plan 'layers 1, 6: BF16; layers 2–5: FP8 current scaling'" in message
+    assert "this run asks for 'layers 1–6: FP8 current scaling'" in message
 
 
 def test_rng_states_of_older_checkpoints_still_load_safely(tmp_path):

@@ -55,8 +55,11 @@ def test_all_problems_are_listed_at_once():
         ("+use_sequence_pack=true", "use_sequence_pack: unknown key. Did you mean use_sequence_packing?"),
         ("+fp8_config.recpe=DelayedScaling", "fp8_config.recpe: unknown key. Did you mean fp8_config.recipe?"),
         ("+zzz=1", "zzz: unknown key. Every key is documented in hydra_config/defaults.yaml."),
-        ("fp8_layers=[0,3]", "fp8_layers=[0, 3]: must list distinct 1-based layer numbers from 1 to 6"),
-        ("fp8_layers=[2,2]", "fp8_layers=[2, 2]: must list distinct"),
+        ("fp8_layers=[0,3]", "fp8_layers=[0, 3]: layers [0] do not exist (the model has layers 1 to 6)"),
+        ("fp8_layers=[2,2]", "fp8_layers=[2, 2]: lists a layer more than once"),
+        ("fp4_layers=5-9", "fp4_layers='5-9': layers [7, 8, 9] do not exist (the model has layers 1 to 6)"),
+        ("+fp4_config.stochastic=false", "fp4_config.stochastic: unknown key. Did you mean fp4_config.stochastic_"),
+        ("fp4_config.random_hadamard=maybe", "fp4_config.random_hadamard='maybe': must be true or false"),
     ],
 )
 def test_every_section_is_checked(override, message):

@@ -1,10 +1,20 @@
-"""Precision: the presets, NVIDIA-style overrides, hardware refusals naming the compute capability."""
+"""Precision: the presets, NVIDIA-style overrides, the per-layer plan, hardware refusals naming the capability."""
 
 import pytest
 import torch
 from conftest import compose
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from precision import PrecisionConfigError, check_gpu_supports, fp8_enabled
+from precision import (
+    PrecisionConfigError,
+    PrecisionPlan,
+    check_gpu_supports,
+    fp8_enabled,
+    layer_ranges,
+    plan_problems,
+    token_multiple,
+)
 
 
 def test_mxfp8_on_hopper_is_refused_with_the_compute_capability(monkeypatch):
@@ -13,8 +23,8 @@ def test_mxfp8_on_hopper_is_refused_with_the_compute_capability(monkeypatch):
     with pytest.raises(
         PrecisionConfigError, match=r"Blackwell.*10\.0 or newer.*H100 80GB HBM3 has compute capability 9\.0"
     ):
-        check_gpu_supports("MXFP8BlockScaling", torch.device("cuda", 0))
-    check_gpu_supports("Float8BlockScaling", torch.device("cuda", 0))  # Hopper runs block scaling
+        check_gpu_supports(compose("L0_sanity", ["precision=mxfp8"]), torch.device("cuda", 0))
+    check_gpu_supports(compose("L0_sanity", ["precision=fp8_block"]), torch.device("cuda", 0))  # Hopper runs it
 
 
 @pytest.mark.parametrize(
@@ -31,3 +41,96 @@ def test_precision_is_one_axis_and_nvidia_style_overrides_give_the_same_config(p
     assert fp8_enabled(by_preset) and by_preset.use_sequence_packing
     plain = compose("L0_sanity")
     assert not fp8_enabled(plain) and not plain.use_sequence_packing  # bf16, padded: the default
+
+
+def plan_of(overrides, num_layers=6):
+    return plan_problems(compose("L0_sanity", overrides), num_layers)
+
+
+def test_the_plan_is_described_in_one_line_per_precision():
+    plan, problems = plan_of(["precision=fp8_current", "fp8_layers=5-29"], num_layers=33)
+    assert not problems
+    assert plan.describe() == "layers 1–4, 30–33: BF16; layers 5–29: FP8 current scaling"
+    plan, _ = plan_of(["precision=fp8_delayed", "fp4_config.enabled=true", "fp8_layers=[1,'2-3']"], num_layers=4)
+    assert plan.layers == ("fp8", "fp8", "fp8", "fp4")
+    assert plan.describe() == "layers 1–3: FP8 delayed scaling; layer 4: NVFP4"
+    plan, _ = plan_of(["precision=nvfp4"], num_layers=3)
+    assert plan.describe() == "layers 1–3: NVFP4" and plan.fp8_recipe is None
+    plan, _ = plan_of([], num_layers=2)
+    assert plan.describe() == "layers 1–2: BF16"
+
+
+layer_sets = st.sets(st.integers(1, 40), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    num_layers=st.integers(1, 40),
+    fp8_on=st.booleans(),
+    fp4_on=st.booleans(),
+    fp8_layers=st.none() | layer_sets,
+    fp4_layers=st.none() | layer_sets,
+    as_ranges=st.booleans(),
+)
+def test_every_layer_gets_exactly_the_precision_the_rules_give(
+    num_layers, fp8_on, fp4_on, fp8_layers, fp4_layers, as_ranges
+):
+    def written(layers):  # a list of numbers, or the "a-b, c" text a user may write instead
+        return sorted(layers) if not as_ranges or not layers else layer_ranges(sorted(layers)).replace("–", "-")
+
+    cfg = compose("L0_sanity")
+    cfg.fp8_config.enabled, cfg.fp4_config.enabled = fp8_on, fp4_on
+    cfg.fp8_layers = None if fp8_layers is None else written(fp8_layers)
+    cfg.fp4_layers = None if fp4_layers is None else written(fp4_layers)
+    plan, problems = plan_problems(cfg, num_layers)
+    every = set(range(1, num_layers + 1))
+    lists = {"fp8": fp8_layers, "fp4": fp4_layers}
+    refused = (
+        any(layers is not None and not layers <= every for layers in lists.values())
+        or (fp8_layers is not None and not fp8_on)
+        or (fp4_layers is not None and not fp4_on)
+        or (fp8_on and fp4_on and fp8_layers is None and fp4_layers is None)
+        or (fp8_layers is not None and fp4_layers is not None and bool(fp8_layers & fp4_layers))
+    )
+    assert (plan is None) == refused and bool(problems) == refused
+    if refused:
+        return
+    assert len(plan.layers) == num_layers and set(plan.layers) <= {"bf16", "fp8", "fp4"}
+    fp8 = fp8_layers if fp8_layers is not None else (every - (fp4_layers or set())) if fp8_on else set()
+    fp4 = fp4_layers if fp4_layers is not None else (every - fp8) if fp4_on else set()
+    assert set(plan.numbers("fp8")) == fp8 and set(plan.numbers("fp4")) == fp4
+    assert set(plan.numbers("bf16")) == every - fp8 - fp4
+    assert PrecisionPlan.from_dict(plan.as_dict()) == plan
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["precision=fp8_current", "fp8_layers=[1,9]"], "fp8_layers=[1, 9]: layers [9] do not exist"),
+        (["precision=fp8_current", "fp8_layers='4-2'"], "the range 4-2 runs backwards"),
+        (["precision=fp8_current", "fp8_layers='1-2,x'"], "'x' is not a layer number or a range like 5-29"),
+        (["fp8_layers=[1,2]"], "fp8_layers is set but that format is off: turn it on with an FP8 precision"),
+        (["precision=fp8_current", "fp4_layers=[3]"], "fp4_layers is set but that format is off"),
+        (["precision=fp8_current", "fp4_config.enabled=true"], "FP8 and NVFP4 are both on: say which layers"),
+        (
+            ["precision=fp8_current", "fp4_config.enabled=true", "fp8_layers='1-3'", "fp4_layers='3-6'"],
+            "fp8_layers and fp4_layers both list layers 3: give each layer one format",
+        ),
+    ],
+)
+def test_a_plan_that_cannot_be_is_refused_naming_the_layers(overrides, message):
+    plan, problems = plan_of(overrides)
+    assert plan is None and any(message in problem for problem in problems), problems
+
+
+def test_nvfp4_on_hopper_is_refused_with_the_compute_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cfg = compose("L0_sanity", ["precision=fp8_current", "fp4_config.enabled=true", "fp4_layers=[2]"])
+    with pytest.raises(PrecisionConfigError) as error:
+        check_gpu_supports(cfg, torch.device("cuda", 0))
+    assert str(error.value) == (
+        "fp4_config.recipe=NVFP4BlockScaling needs a Blackwell (sm_100+) GPU (compute capability 10.0 or newer), "
+        "but NVIDIA H200 has compute capability 9.0. Use FP8 or BF16 on this GPU."
+    )
+    assert token_multiple(cfg) == 32  # NVFP4 blocks of 16 values; its GEMMs want 32-token multiples
