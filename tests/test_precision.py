@@ -1,5 +1,7 @@
 """Precision: the presets, NVIDIA-style overrides, the per-layer plan, hardware refusals naming the capability."""
 
+import copy
+
 import pytest
 import torch
 from conftest import compose
@@ -61,6 +63,7 @@ def test_the_plan_is_described_in_one_line_per_precision():
 
 
 layer_sets = st.sets(st.integers(1, 40), max_size=40)
+L0_SANITY = compose("L0_sanity")
 
 
 @settings(max_examples=200, deadline=None)
@@ -78,7 +81,7 @@ def test_every_layer_gets_exactly_the_precision_the_rules_give(
     def written(layers):  # a list of numbers, or the "a-b, c" text a user may write instead
         return sorted(layers) if not as_ranges or not layers else layer_ranges(sorted(layers)).replace("–", "-")
 
-    cfg = compose("L0_sanity")
+    cfg = copy.deepcopy(L0_SANITY)  # composing anew for each of 200 examples would take most of this test's time
     cfg.fp8_config.enabled, cfg.fp4_config.enabled = fp8_on, fp4_on
     cfg.fp8_layers = None if fp8_layers is None else written(fp8_layers)
     cfg.fp4_layers = None if fp4_layers is None else written(fp4_layers)

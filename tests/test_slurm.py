@@ -118,17 +118,30 @@ def job_field(env, job: str, field: str) -> str:
     return next((part.split("=", 1)[1] for part in text.split() if part.startswith(f"{field}=")), "")
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def sbatch(env, out: Path, *args, wait=True, ranks=1, extra_env=None):
-    """`sbatch slurm.sh ...` as a user submits it (one node, no GPUs): the completed process (stdout: job id)."""
-    command = ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={out}"]
-    return subprocess.run(
-        [*command, *(["--wait"] if wait else []), "slurm.sh", *args],
+    """`sbatch slurm.sh ...` as a user submits it (one node, no GPUs): the completed process (stdout: job id).
+
+    With `wait`, its return code is the job's exit code once the job has ended, as `sbatch --wait` gives it; the
+    job's state is polled here because `--wait` checks ever more rarely (up to half a minute apart).
+    """
+    command = ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={out}", "slurm.sh", *args]
+    submitted = subprocess.run(
+        command,
         cwd=RECIPE_DIR,
         env={**env, "GPUS_PER_NODE": str(ranks), "OMP_NUM_THREADS": str(max(1, 2 // ranks)), **(extra_env or {})},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=60,
     )
+    job = submitted.stdout.strip()
+    if not wait or submitted.returncode != 0:
+        return submitted
+    poll(lambda: job_field(env, job, "JobState") in ENDED, 600, f"the end of job {job}")
+    submitted.returncode = int(job_field(env, job, "ExitCode").split(":")[0])
+    return submitted
 
 
 def losses(metrics_file: Path) -> dict[int, float]:
@@ -176,8 +189,7 @@ def test_a_preempted_job_requeues_itself_and_resumes_exactly(slurm, tmp_path):
     # A requeued job waits a couple of minutes before it may start again; a test need not. It must not start within
     # the second its first run was stopped in, though: slurmd would take its credential for the revoked one.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, capture_output=True)
-    ended = ("COMPLETED", "FAILED", "CANCELLED")
-    state = poll(lambda: (s := job_field(env, job, "JobState")) in ended and s, 600, "the end of the job")
+    state = poll(lambda: (s := job_field(env, job, "JobState")) in ENDED and s, 600, "the end of the job")
     text = log.read_text()
     assert state == "COMPLETED", text[-3000:]
     assert "preempted after a checkpoint; requeueing it to resume" in text and "Resumed from" in text
