@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import DistributedStateDict
 from model import build_model, capture_cuda_graphs, compile_transformer_layers
-from training import Run, Strategy, run
+from training import TEARDOWN_LIMIT_S, Run, Strategy, run
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
@@ -87,7 +87,7 @@ STRATEGY = Strategy(
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, STRATEGY)
+    run(cfg, STRATEGY, exit_after_teardown_s=TEARDOWN_LIMIT_S)
 
 
 if __name__ == "__main__":

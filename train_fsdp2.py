@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from checkpoint import DistributedStateDict
 from model import build_model, compile_transformer_layers, materialize, transformer_layers
-from training import Run, Strategy, run
+from training import TEARDOWN_LIMIT_S, Run, Strategy, run
 
 
 def apply_fsdp2(
@@ -86,7 +86,7 @@ STRATEGY = Strategy(
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, STRATEGY)
+    run(cfg, STRATEGY, exit_after_teardown_s=TEARDOWN_LIMIT_S)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from checkpoint import MegatronFSDPStateDict
 from initialization import esm2_init_on_materialisation
 from model import build_model, cast_parameters, return_tuple_outputs, transformer_layers
 from precision import fp8_enabled
-from training import Run, Strategy, run
+from training import TEARDOWN_LIMIT_S, Run, Strategy, run
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ STRATEGY = Strategy(
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, STRATEGY)
+    run(cfg, STRATEGY, exit_after_teardown_s=TEARDOWN_LIMIT_S)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import contextlib
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -343,18 +345,56 @@ def train_loop(
     return TrainResult(step, step >= cfg.num_train_steps, perf.last_metrics, perf.total_tokens)
 
 
-def run(cfg: DictConfig, strategy: Strategy) -> TrainResult:
-    """An entrypoint's whole job: set up, wrap, resume, train, checkpoint, export, leave the process group."""
+def run(cfg: DictConfig, strategy: Strategy, exit_after_teardown_s: float | None = None) -> TrainResult:
+    """An entrypoint's whole job: set up, wrap, resume, train, checkpoint, export, leave the process group.
+
+    `exit_after_teardown_s` (entrypoints only, never in-process callers): once everything is written, the process
+    ends with status 0 if releasing the run's objects has not finished by then (`TeardownGuard`).
+    """
     setup = setup_run(cfg, strategy)
+    guard = TeardownGuard(exit_after_teardown_s)
     try:
-        return _train(setup, strategy)
+        return _train(setup, strategy, guard)
     finally:
         shutdown_workers()
         if setup.lock is not None:
             setup.lock.release()
+        guard.cancel()  # reached: the teardown did finish
 
 
-def _train(setup: Run, strategy: Strategy) -> TrainResult:
+class TeardownGuard:
+    """Ends the process with status 0 if a finished run's teardown does not end within `seconds`.
+
+    Releasing a finished run's objects blocked for good in about one 2-rank CPU run in ten: a futex wait while
+    `_train`'s frame was torn down (after the process group was left), its DataLoader worker still waiting for
+    indices; which destructor blocks is not known yet. A batch job must not hang past its last checkpoint, so a
+    daemon timer, armed once everything is written and cancelled when the teardown is over, ends it instead.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        if self.seconds is not None:
+            self._timer = threading.Timer(self.seconds, self._leave)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _leave(self) -> None:
+        logger.warning("Teardown of the finished run did not end within %g s; exiting (all is saved).", self.seconds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _train(setup: Run, strategy: Strategy, guard: TeardownGuard) -> TrainResult:
     cfg = setup.cfg
     model, optimizer, scheduler = build_training(setup, strategy)
     local_gib, whole_gib = parameter_memory_gib(model)
@@ -389,7 +429,11 @@ def _train(setup: Run, strategy: Strategy) -> TrainResult:
         )
     logger.info(run_summary(result, start_step, tokens, time.perf_counter() - started, cfg, final_model))
     destroy_distributed()
+    guard.arm()
     return result
+
+
+TEARDOWN_LIMIT_S = 30.0  # a finished run's normal teardown takes a second or two
 
 
 def model_card(cfg: DictConfig, result: TrainResult, start_step: int, tokens: int, setup: Run, parameters: int) -> str:

@@ -3,13 +3,15 @@
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import compose, launch, read_metrics
+from conftest import RECIPE_DIR, compose, launch, read_metrics
 
 from model import build_model, load_model_config
-from training import evaluate
+from training import TeardownGuard, evaluate
 
 
 @pytest.mark.e2e
@@ -95,3 +97,18 @@ def test_validation_loss_is_the_mean_over_every_masked_token(tokenizer):
     assert evaluate(model, batches, torch.device("cpu"), max_batches=1)["val/loss"] == pytest.approx(
         losses[:1].mean().item(), rel=1e-5
     )
+
+
+def test_a_teardown_that_blocks_ends_the_process_with_success_and_a_cancelled_guard_never_fires():
+    """The guard `run` arms once all is written: a blocked teardown (here: a wait that never ends) exits with 0."""
+    blocked = "import threading, training; training.TeardownGuard(0.5).arm(); threading.Event().wait()"
+    result = subprocess.run(
+        [sys.executable, "-c", blocked], cwd=RECIPE_DIR, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert "Teardown of the finished run did not end within 0.5 s; exiting (all is saved)." in result.stderr
+    guard = TeardownGuard(0.5)
+    guard.arm()
+    guard.cancel()
+    guard._timer.join(timeout=5)  # a cancelled timer thread ends at once, without running
+    assert not guard._timer.is_alive() and guard._timer.finished.is_set()  # cancel() sets it; the run never came
