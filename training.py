@@ -365,10 +365,10 @@ def run(cfg: DictConfig, strategy: Strategy, exit_after_teardown_s: float | None
 class TeardownGuard:
     """Ends the process with status 0 if a finished run's teardown does not end within `seconds`.
 
-    Releasing a finished run's objects blocked for good in about one 2-rank CPU run in ten: a futex wait while
-    `_train`'s frame was torn down (after the process group was left), its DataLoader worker still waiting for
-    indices; which destructor blocks is not known yet. A batch job must not hang past its last checkpoint, so a
-    daemon timer, armed once everything is written and cancelled when the teardown is over, ends it instead.
+    The teardown of finished 2-rank CPU runs blocked for good now and then (1 run in 40 outside CI, more often under
+    CI's load): once a futex wait while `_train`'s frame was torn down, its DataLoader worker still waiting for
+    indices; once in the closing barrier. Which wait blocks is not known yet. A batch job must not hang past its last
+    checkpoint, so a daemon timer, armed once everything is written and cancelled when the teardown is over, ends it.
     """
 
     def __init__(self, seconds: float | None) -> None:
@@ -428,8 +428,9 @@ def _train(setup: Run, strategy: Strategy, guard: TeardownGuard) -> TrainResult:
             full_state, unwrap(model).config, ckpt_dir, tokenizer_dir, setup.context, model_card=card
         )
     logger.info(run_summary(result, start_step, tokens, time.perf_counter() - started, cfg, final_model))
+    guard.arm()  # all is written: from here on only the teardown is left
+    shutdown_workers()  # here, in a known order, not from destructors while this frame is torn down
     destroy_distributed()
-    guard.arm()
     return result
 
 
