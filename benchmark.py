@@ -30,6 +30,8 @@ real sequences of the step (s = real tokens of a sequence; L layers, hidden size
 
     FLOPs = Σ_seq [ 6 · P_matmul · s + 12 · L · H · s² ]
     P_matmul = L · (4H² + 2HI) + H² + H · V      (per layer QKV + output projection + FFN; LM-head dense + decoder)
+    AMPLIFY:   L · (4H² + 3HF) + H · V           (SwiGLU: 3 matrices of width F = swiglu_hidden_size(I); no LM-head
+                                                 dense, the decoder maps straight to the vocabulary)
 
 6·P_matmul·s is 2 forward + 4 backward FLOPs per matmul weight per token; 12·L·H·s² is attention (QKᵀ and AV,
 2·s²·H FLOPs each per layer forward, times 3 for forward + backward). Embedding lookups, biases, norms, softmax and
@@ -63,14 +65,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.profiler import ProfilerActivity
-from transformers import EsmConfig
 
 import train_ddp
 import train_fsdp2
 import train_mfsdp
 from distributed import destroy_distributed
+from families import model_family
 from loader import shutdown_workers
-from model import count_parameters, te_unavailable_reason
+from memory_model import estimate_memory
+from model import count_parameters, load_model_config, te_unavailable_reason
+from modeling_amplify import swiglu_hidden_size
 from parallel import unwrap
 from perf_logger import peak_memory_gib
 from precision import fp4_enabled, fp8_enabled, unsupported_reason
@@ -166,6 +170,20 @@ VARIANTS: dict[str, Variant] = {
         packed=True,
         overrides={"master_weights": "optimizer", "fp8_config.quantized_model_init": True},
     ),
+    "te_thd_ckpt_full": Variant(
+        "TE THD, full activation checkpointing",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"activation_checkpointing.mode": "full"},
+    ),
+    "te_thd_ckpt_mlp": Variant(
+        "TE THD, selective activation checkpointing (MLP)",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"activation_checkpointing.mode": "selective", "activation_checkpointing.selective_part": "mlp"},
+    ),
     "te_thd_fp8_delayed": Variant("TE THD + FP8 delayed scaling", True, "fp8_delayed", packed=True),
     "te_thd_fp8_current": Variant("TE THD + FP8 current scaling", True, "fp8_current", packed=True),
     "te_thd_fp8_block": Variant("TE THD + FP8 block scaling", True, "fp8_block", packed=True),
@@ -205,7 +223,7 @@ def benchmark_plan(cfg: DictConfig) -> Plan:
         problems.append(f"benchmark.warmup_steps={warmup} must be 0 or more")
     if not budgets:
         problems.append("benchmark.token_budgets must list at least one token budget per step, e.g. [16384]")
-    if small := [b for b in budgets if int(b) < seq]:
+    if not bench.one_sequence_per_step and (small := [b for b in budgets if int(b) < seq]):
         problems.append(f"benchmark.token_budgets {small} must each be >= dataset.max_seq_length ({seq})")
     if len(set(budgets)) < len(budgets) or len(set(bench.variants)) < len(bench.variants):
         problems.append("benchmark.token_budgets and benchmark.variants must not list an entry twice")
@@ -217,13 +235,21 @@ def benchmark_plan(cfg: DictConfig) -> Plan:
     return Plan(rounded, timed, repeats, tuple(int(b) for b in budgets), bool(bench.busy_fraction))
 
 
-def matmul_parameters(config: EsmConfig) -> int:
-    """Weights that take part in a matmul per token (the real vocabulary, not TE's padded decoder rows)."""
-    layers, hidden, ffn = config.num_hidden_layers, config.hidden_size, config.intermediate_size
-    return layers * (4 * hidden * hidden + 2 * hidden * ffn) + hidden * hidden + hidden * config.vocab_size
+def matmul_parameters(config: Any) -> int:
+    """Weights that take part in a matmul per token (the real vocabulary, not TE's padded decoder rows).
+
+    ESM-2: a 4H GELU MLP (2 matrices) and a dense layer in the LM head; AMPLIFY: a SwiGLU MLP (3 matrices of its
+    SwiGLU width) and a decoder straight from the final norm to the vocabulary.
+    """
+    layers, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    if model_family(config) == "amplify":
+        ffn = swiglu_hidden_size(config.intermediate_size)
+        return layers * (4 * hidden * hidden + 3 * hidden * ffn) + hidden * vocab
+    ffn = config.intermediate_size
+    return layers * (4 * hidden * hidden + 2 * hidden * ffn) + hidden * hidden + hidden * vocab
 
 
-def model_flops(lengths: np.ndarray, config: EsmConfig) -> int:
+def model_flops(lengths: np.ndarray, config: Any) -> int:
     """Forward + backward model FLOPs of one batch of real sequences with these lengths (module docstring)."""
     s = np.asarray(lengths, dtype=np.int64)
     attention = 12 * config.num_hidden_layers * config.hidden_size * int((s * s).sum())
@@ -264,8 +290,11 @@ class LengthRecorder:
 
 
 def variant_config(base: DictConfig, model_tag: str, variant: Variant, token_budget: int, plan: Plan) -> DictConfig:
-    """The benchmark config with the variant's precision preset and overrides, as `--config-name` + overrides would."""
-    seq = int(base.dataset.max_seq_length)
+    """The benchmark config with the variant's precision preset and overrides, as `--config-name` + overrides would.
+
+    With `benchmark.one_sequence_per_step` the budget is also the sequence length: each step is one long protein.
+    """
+    seq = token_budget if base.benchmark.one_sequence_per_step else int(base.dataset.max_seq_length)
     preset = OmegaConf.load(RECIPE_DIR / "hydra_config" / "precision" / f"{variant.precision}.yaml")
     cfg = OmegaConf.merge(base, preset)
     for key, value in variant.overrides.items():
@@ -277,7 +306,11 @@ def variant_config(base: DictConfig, model_tag: str, variant: Variant, token_bud
         "grad_acc_steps": 1,
         "use_sequence_packing": variant.packed,
         "token_micro_batch_size": token_budget,
-        "dataset": {"micro_batch_size": token_budget // seq, "pad_to_max_length": variant.pad_to_max_length},
+        "dataset": {
+            "max_seq_length": seq,
+            "micro_batch_size": token_budget // seq,
+            "pad_to_max_length": variant.pad_to_max_length,
+        },
         "validation": {"every_n_steps": 0},
         "checkpoint": {"ckpt_dir": None},
         "logger": {"log_every_n_steps": plan.timed, "progress_bar": False, "grad_norms_file": None},
@@ -505,6 +538,20 @@ def failure(exc: Exception) -> dict[str, str]:
     return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+def estimated_memory_gib(cfg: DictConfig, variant: Variant, budget: int) -> float:
+    """memory_model.py's estimate of the variant's peak, printed beside the measured one."""
+    estimate = estimate_memory(
+        cfg,
+        load_model_config(cfg.model_tag),
+        use_te=variant.use_te,
+        strategy=str(cfg.benchmark.strategy),
+        world_size=1,
+        tokens=budget,
+        on_gpu=torch.cuda.is_available(),
+    )
+    return estimate.total / 2**30
+
+
 def start_variant(base: DictConfig, model_tag: str, budget: int, name: str, plan: Plan) -> tuple[dict, Session | None]:
     """The variant's row and its warmed-up session, or a row saying why there is none (skipped, OOM, failed)."""
     row: dict[str, Any] = {"model": model_tag, "token_budget": budget, "variant": name, "status": "pending"}
@@ -516,6 +563,7 @@ def start_variant(base: DictConfig, model_tag: str, budget: int, name: str, plan
         cfg = variant_config(base, model_tag, variant, budget, plan)
         row |= {"fp8": fp8_enabled(cfg), "weights": weights_mode(cfg)}
         row["fp8_recipe"] = str(cfg.fp8_config.recipe) if row["fp8"] else None
+        row["estimated_memory_gib"] = estimated_memory_gib(cfg, variant, budget)
         if reason := skip_reason(cfg, variant, STRATEGIES[cfg.benchmark.strategy]):
             return row | {"status": "skipped", "reason": reason}, None
         session = open_session(cfg, plan)
@@ -753,7 +801,8 @@ def table_cells(r: dict[str, Any]) -> list[str]:
         _pct(r["mfu_fp8"]),
         f"{r['step_time_s'] * 1e3:.1f}",
         "–" if r["busy_fraction"] is None else f"{r['busy_fraction']:.0%} ({r['traced_tokens_per_s']:,.0f})",
-        f"{r['peak_memory_gib']:.2f}",
+        f"{r['peak_memory_gib']:.2f}"
+        + (f" (est. {r['estimated_memory_gib']:.1f})" if r.get("estimated_memory_gib") is not None else ""),
         _pct(r["padding_fraction"]),
         str(r["repeats"]),
         r.get("reason", ""),
@@ -790,8 +839,13 @@ def markdown(report: dict[str, Any], heading: str = "#") -> str:
         f"GPU after the ceilings: {clocks_text(meta['gpu_clocks'])}.",
         f"Every variant: forward + backward + fused AdamW, {meta['strategy'].upper()} on one device, BF16 compute "
         f"(FP32 on CPU), weights as in the row (run's default: {meta['weights']}), real protein lengths from "
-        f"`{meta['dataset']}`, a capacity per step of {budgets} tokens (Tokens/step; padded: that // "
-        f"{meta['max_seq_length']} sequences of up to {meta['max_seq_length']} tokens; packed: packs of that size).",
+        f"`{meta['dataset']}`, a capacity per step of {budgets} tokens (Tokens/step; "
+        + (
+            "one protein of that many tokens per step: dataset.max_seq_length = Tokens/step)."
+            if meta.get("one_sequence_per_step")
+            else f"padded: that // {meta['max_seq_length']} sequences of up to {meta['max_seq_length']} tokens; "
+            "packed: packs of that size)."
+        ),
         f"Per model and budget every variant is built once and warmed up ({meta['warmup_steps']} steps); then "
         f"{meta['repeats']} round(s) of one {meta['timed_steps']}-step timed window per variant, interleaved "
         "(A B C A B C …). Tokens/s: median (min–max) over the windows; Spread = max / min − 1; the other columns "
@@ -800,8 +854,8 @@ def markdown(report: dict[str, Any], heading: str = "#") -> str:
         "FP8 ceiling).",
         "",
         f"| Model | Tokens/step | Variant | FP8 | Weights | Tokens/s/GPU (unpadded), median (min–max) | Spread | "
-        f"Speed-up vs {BASELINE} | TFLOP/s | MFU ({dense}) | MFU (FP8) | Step time (ms) | Busy | Peak memory (GiB) | "
-        "Padding | Repeats | Notes |",
+        f"Speed-up vs {BASELINE} | TFLOP/s | MFU ({dense}) | MFU (FP8) | Step time (ms) | Busy | "
+        "Peak memory (GiB; est.) | Padding | Repeats | Notes |",
         "|---|--:|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in report["rows"]]
@@ -976,6 +1030,7 @@ def report_meta(cfg: DictConfig, plan: Plan, device: torch.device) -> dict[str, 
         "dataset": str(cfg.dataset.path),
         "token_budgets": list(plan.token_budgets),
         "max_seq_length": int(cfg.dataset.max_seq_length),
+        "one_sequence_per_step": bool(cfg.benchmark.one_sequence_per_step),
         "warmup_steps": plan.warmup,
         "timed_steps": plan.timed,
         "repeats": plan.repeats,

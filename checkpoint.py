@@ -690,6 +690,14 @@ class Checkpointer:
                 train_state["world_size"],
                 self.context.world_size,
             )
+        if saved.get("packing") and now.get("packing") and saved["packing"] != now["packing"]:
+            logger.warning(
+                "The checkpoint packed its batches with %s, this run packs with %s: the rest of this epoch is packed "
+                "anew from the same position, so a few of its sequences may be seen twice or not at all; from the "
+                "next epoch on every sequence is seen once per epoch again.",
+                saved["packing"],
+                now["packing"],
+            )
         if "num_workers" in saved and saved["num_workers"] != now.get("num_workers"):
             logger.info(
                 "The checkpoint was saved with dataset.num_workers=%s, this run has %s: map-style data resumes as is, "

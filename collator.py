@@ -237,7 +237,7 @@ class BatchLayout:
     `token_multiple`: what the precision needs of a micro-batch's token count (precision.py); padded rows are padded
     to `pad_multiple` (that and `dataset.pad_to_multiple_of`), or to `pad_to_length` when set. `static`: the fixed
     shapes of packed batches (`static_shapes`, or `cuda_graphs`), else None; `max_sequences` caps the sequences of a
-    pack (None: no cap).
+    pack (None: no cap); `packing_lookahead`: how many upcoming sequences the packer chooses from to fill each pack.
     """
 
     packed: bool
@@ -248,6 +248,17 @@ class BatchLayout:
     pad_to_length: int | None
     static: StaticPacking | None = None
     max_sequences: int | None = None
+    packing_lookahead: int = 1
+
+    def packing_facts(self) -> dict[str, Any] | None:
+        """What decides which sequences form each pack (kept with checkpoints: a resume mid-epoch needs the same)."""
+        if not self.packed:
+            return None
+        return {
+            "token_budget": self.token_budget,
+            "max_sequences": self.max_sequences,
+            "lookahead": self.packing_lookahead,
+        }
 
     @property
     def attn_input_format(self) -> str:
@@ -280,6 +291,7 @@ class BatchLayout:
             pad_to_length=int(data.max_seq_length) if data.pad_to_max_length else None,
             static=static,
             max_sequences=max_sequences if packed else None,
+            packing_lookahead=int(cfg.packing_lookahead),
         )
 
 

@@ -15,18 +15,33 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
+from activation_checkpointing import checkpoint_problems
 from dataset import SUPPORTED_FORMATS, resolve_path
+from families import FAMILY_TOKENIZERS, max_positions, model_family
 from model import MASTER_WEIGHTS_HOMES, USE_TE_CHOICES
 from precision import plan_problems, precision_problems
+from quant_stats import problems as quant_stats_problems
+from scheduler import SCHEDULE_KINDS
 
 if TYPE_CHECKING:
-    from transformers import EsmConfig
+    from model import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "hydra_config" / "defaults.yaml"
 PRECISION_DIR = DEFAULTS_FILE.parent / "precision"
-CHECKED_SECTIONS = ("dataset", "checkpoint", "fsdp", "mfsdp", "optimizer", "lr_scheduler", "validation", "logger")
+CHECKED_SECTIONS = (
+    "activation_checkpointing",
+    "dataset",
+    "checkpoint",
+    "fsdp",
+    "mfsdp",
+    "optimizer",
+    "lr_scheduler",
+    "validation",
+    "logger",
+    "quant_stats",
+)
 ZERO_DP_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 REDUCE_DTYPES = ("float32", "bfloat16")
 
@@ -130,6 +145,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("static_shapes", _bool, "must be true or false"),
     ("cuda_graphs", _bool, "must be true or false"),
     ("max_sequences_per_pack", _optional(_positive_int), "must be a positive integer, or null"),
+    ("packing_lookahead", _positive_int, "must be a positive integer (1: pack sequences in order)"),
     ("seed", _non_negative_int, "must be a non-negative integer"),
     ("dataset.micro_batch_size", _positive_int, "must be a positive integer"),
     ("dataset.pad_to_multiple_of", _positive_int, "must be a positive integer"),
@@ -152,6 +168,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer.eps", lambda v: v > 0, "must be positive"),
     ("optimizer.max_grad_norm", lambda v: v > 0, "must be positive"),
     ("optimizer.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+    ("lr_scheduler.kind", lambda v: v in SCHEDULE_KINDS, f"must be one of {SCHEDULE_KINDS}"),
     ("lr_scheduler.warmup_steps", _non_negative_int, "must be a non-negative integer"),
     ("lr_scheduler.decay_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("lr_scheduler.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
@@ -183,7 +200,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     (
         "tokenizer",
         lambda v: (resolve_path(v) / "tokenizer_config.json").is_file(),
-        "must be a tokenizer directory (the shipped one is tokenizers/esm2)",
+        "must be a tokenizer directory (shipped: tokenizers/esm2 for ESM-2, tokenizers/amplify for AMPLIFY)",
     ),
 ]
 
@@ -197,16 +214,22 @@ def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], expectation: st
     return None if valid else f"{key}={value!r}: {expectation}"
 
 
-def _model_problems(cfg: DictConfig, model_config: EsmConfig) -> list[str]:
+def _model_problems(cfg: DictConfig, model_config: ModelConfig) -> list[str]:
     problems = []
-    max_positions, num_layers = model_config.max_position_embeddings, model_config.num_hidden_layers
-    length = cfg.dataset.max_seq_length
-    if not (_positive_int(length) and 3 <= length <= max_positions):
+    num_layers, length = model_config.num_hidden_layers, cfg.dataset.max_seq_length
+    if not (_positive_int(length) and length >= 3):
+        problems.append(f"dataset.max_seq_length={length!r}: must be an integer of at least 3 (<cls>, residue, <eos>)")
+    elif model_family(model_config) == "amplify":
+        problems += _amplify_problems(cfg, model_config)
+    elif length > (positions := max_positions(model_config)) and model_config.position_embedding_type != "rotary":
         problems.append(
-            f"dataset.max_seq_length={length!r}: must be an integer from 3 to the model's max_position_embeddings "
-            f"({max_positions}); longer sequences are cropped to it"
+            f"dataset.max_seq_length={length}: this model has {model_config.position_embedding_type!r} position "
+            f"embeddings for {positions} positions and cannot see further; use at most {positions} "
+            "(longer proteins are cropped to it), or a rotary model such as ESM-2"
         )
+    problems += _tokenizer_problems(cfg, model_config)
     problems += plan_problems(cfg, num_layers)[1]
+    problems += checkpoint_problems(cfg.activation_checkpointing, num_layers)[1]
     budget = cfg.token_micro_batch_size
     if budget is not None and not (_positive_int(budget) and _positive_int(length) and budget >= length):
         problems.append(
@@ -216,6 +239,65 @@ def _model_problems(cfg: DictConfig, model_config: EsmConfig) -> list[str]:
     return problems
 
 
+def _amplify_problems(cfg: DictConfig, model_config: ModelConfig) -> list[str]:
+    """What the AMPLIFY models cannot do that ESM-2's can, and AMPLIFY variants neither model implements."""
+    from modeling_amplify import check_supported_config
+
+    problems = []
+    try:
+        check_supported_config(model_config)
+    except ValueError as error:
+        problems.append(f"model_tag={cfg.model_tag!r}: {error}")
+    length, trained = cfg.dataset.max_seq_length, max_positions(model_config)
+    if length > trained:
+        problems.append(
+            f"dataset.max_seq_length={length}: above this AMPLIFY model's max_length ({trained}), the longest "
+            f"sequence its checkpoints were trained on; use at most {trained} (longer proteins are cropped to it)"
+        )
+    if cfg.fp32_residual_connection is True:
+        problems.append(
+            "fp32_residual_connection=true is ESM-2 only: the TE AMPLIFY model has no FP32 residual stream (its "
+            "bias-free layers do not go through the ESM layer's residual path); set fp32_residual_connection=false"
+        )
+    if cfg.cuda_graphs is True:
+        problems.append(
+            "cuda_graphs=true is ESM-2 only: the TE AMPLIFY model has no graph capture (NVAmplifyForMaskedLM has no "
+            "make_cuda_graphs); set cuda_graphs=false"
+        )
+    return problems
+
+
+@cache
+def tokenizer_ids(directory: str) -> tuple[int, int | None, int | None]:
+    """(vocabulary size, pad id, mask id) of a tokenizer directory, loaded once per process."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return len(tokenizer), tokenizer.pad_token_id, tokenizer.mask_token_id
+
+
+def _tokenizer_problems(cfg: DictConfig, model_config: ModelConfig) -> list[str]:
+    """A tokenizer whose vocabulary or special ids are not the model's (an ESM-2 tokenizer for AMPLIFY, or reverse)."""
+    try:
+        directory = resolve_path(cfg.tokenizer)
+    except (TypeError, ValueError):
+        return []  # RULES reports it
+    if not (directory / "tokenizer_config.json").is_file():
+        return []  # RULES reports it
+    size, pad, mask = tokenizer_ids(str(directory))
+    expected = {"vocabulary size": model_config.vocab_size, "pad id": model_config.pad_token_id}
+    expected["mask id"] = getattr(model_config, "mask_token_id", None)
+    found = {"vocabulary size": size, "pad id": pad, "mask id": mask}
+    wrong = [f"{key} {found[key]} (the model's: {value})" for key, value in expected.items() if value != found[key]]
+    if not wrong:
+        return []
+    family = model_family(model_config)
+    return [
+        f"tokenizer={cfg.tokenizer!r} does not fit model_tag={cfg.model_tag!r}: {', '.join(wrong)}; this is "
+        f"{'an AMPLIFY' if family == 'amplify' else 'an ESM-2'} model, use tokenizer={FAMILY_TOKENIZERS[family]}"
+    ]
+
+
 def _strategy_problems(cfg: DictConfig, strategy: StrategyRules) -> list[str]:
     import torch
 
@@ -223,6 +305,13 @@ def _strategy_problems(cfg: DictConfig, strategy: StrategyRules) -> list[str]:
     entrypoint = f"train_{strategy.name}.py"
     if strategy.needs_cuda and not torch.cuda.is_available():
         problems.append(f"{entrypoint} needs CUDA GPUs; use train_fsdp2.py or train_ddp.py on CPU.")
+    if cfg.activation_checkpointing.mode != "none" and (cfg.use_torch_compile or cfg.cuda_graphs):
+        problems.append(
+            "activation_checkpointing recomputes layers inside the backward pass, which "
+            + ("use_torch_compile" if cfg.use_torch_compile else "cuda_graphs")
+            + "=true does not support here; turn one of them off (checkpointing is what lets long sequences fit, "
+            "graphs and compilation only make short ones faster)"
+        )
     if cfg.use_torch_compile and not strategy.compiles:
         problems.append(
             f"use_torch_compile=true is not supported by {entrypoint}; set use_torch_compile=false, or compile with "
@@ -305,7 +394,7 @@ def _master_weights_problems(cfg: DictConfig, use_te: bool, strategy: StrategyRu
     return problems
 
 
-def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool, strategy: StrategyRules) -> None:
+def validate_config(cfg: DictConfig, model_config: ModelConfig, use_te: bool, strategy: StrategyRules) -> None:
     """Raise `ConfigError` naming every unusable value (and its fix) before any data or model is built."""
     missing = list(missing_keys(cfg))
     if missing:
@@ -326,6 +415,7 @@ def validate_config(cfg: DictConfig, model_config: EsmConfig, use_te: bool, stra
     problems += _strategy_problems(cfg, strategy)
     problems += _static_shape_problems(cfg, use_te, strategy)
     problems += _master_weights_problems(cfg, use_te, strategy)
+    problems += quant_stats_problems(cfg, model_config.num_hidden_layers, use_te)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -20,6 +20,7 @@ the real vocabulary) and ``vocab_size`` rows in transformers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -524,6 +525,17 @@ def _publish(staging: Path, target: Path) -> None:
         staging.rename(target)
 
 
+def _export_config(config: Any, tensors: Mapping[str, torch.Tensor], trained_length: int | None) -> EsmConfig:
+    """The exported ``config.json``: plain ESM, the weights' dtype, positions for the length the model trained at."""
+    esm_config = copy.deepcopy(to_esm_config(config))  # the live model's config stays as it is
+    esm_config.architectures = ["EsmForMaskedLM"]
+    esm_config.max_position_embeddings = max(esm_config.max_position_embeddings, trained_length or 0)
+    dtypes = {tensor.dtype for tensor in tensors.values()}
+    if len(dtypes) == 1:
+        esm_config.dtype = next(iter(dtypes))
+    return esm_config
+
+
 def export_hf_model(
     state_dict: Mapping[str, torch.Tensor],
     config: Any,
@@ -532,10 +544,14 @@ def export_hf_model(
     source_format: Literal["te", "hf"] = "te",
     overwrite: bool = False,
     model_card: str | None = None,
+    trained_length: int | None = None,
 ) -> Path:
     """Write a standard transformers ESM-2 checkpoint (weights, ``config.json``, tokenizer) to ``out_dir``.
 
     ``model_card`` (markdown) becomes the folder's ``README.md``, what model hubs and people read first.
+    ``trained_length``: the longest sequence (tokens) training used. Where it exceeds the model's positions (rotary
+    positions have no limit), ``max_position_embeddings`` and the tokenizer's ``model_max_length`` are raised to it,
+    so transformers neither truncates nor warns on the lengths the model was trained for.
 
     The result loads with plain ``AutoModelForMaskedLM`` / ``AutoTokenizer`` and converts back with
     ``convert_hf_to_te``. Files are written to a temporary sibling directory that is renamed into place at the end, so
@@ -553,12 +569,8 @@ def export_hf_model(
     hf_state.pop(DECODER_KEY)  # Tied to the word embeddings; transformers re-ties it on load.
     tensors = _unshared_cpu_tensors(hf_state)
 
-    esm_config = to_esm_config(config)
-    esm_config.architectures = ["EsmForMaskedLM"]
-    dtypes = {tensor.dtype for tensor in tensors.values()}
-    if len(dtypes) == 1:
-        esm_config.dtype = next(iter(dtypes))
-
+    esm_config = _export_config(config, tensors, trained_length)
+    length = esm_config.max_position_embeddings
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
@@ -567,7 +579,9 @@ def export_hf_model(
         esm_config.save_pretrained(staging)
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer.model_max_length = max(tokenizer.model_max_length, length)
+        tokenizer.save_pretrained(staging)
         if model_card is not None:
             (staging / "README.md").write_text(model_card)
         manifest = {
@@ -590,13 +604,20 @@ def export_final_model(
     tokenizer_dir: str | Path,
     context: DistributedContext,
     model_card: str | None = None,
+    trained_length: int | None = None,
 ) -> Path:
     """The end of training: rank 0 writes ``<ckpt_dir>/final_model`` (see `export_hf_model`), the others wait."""
     out_dir = ckpt_dir / "final_model"
     if context.is_main:
-        source = source_format_of(config)
         export_hf_model(
-            state_dict, config, out_dir, tokenizer_dir, source_format=source, overwrite=True, model_card=model_card
+            state_dict,
+            config,
+            out_dir,
+            tokenizer_dir,
+            source_format=source_format_of(config),
+            overwrite=True,
+            model_card=model_card,
+            trained_length=trained_length,
         )
         logger.info("Exported the final model to %s (load with AutoModelForMaskedLM.from_pretrained).", out_dir)
     context.barrier()

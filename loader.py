@@ -8,7 +8,9 @@ Streaming data is packed on the fly (`PackedStream`) and resumes through `Statef
 from __future__ import annotations
 
 import atexit
+import bisect
 import itertools
+import math
 import multiprocessing
 import warnings
 import weakref
@@ -27,21 +29,48 @@ from distributed import DistributedContext, ignore_stop_signals, main_process_fi
 
 
 def pack_by_token_budget(
-    items: Iterable[tuple[Any, int]], token_budget: int, max_items: int | None = None
+    items: Iterable[tuple[Any, int]], token_budget: int, max_items: int | None = None, lookahead: int = 1
 ) -> Iterator[list[Any]]:
-    """Greedily group (item, length) pairs, in order, into packs of at most `token_budget` tokens.
+    """Group (item, length) pairs into packs of at most `token_budget` tokens (and `max_items` items, if given).
 
-    With `max_items`, a pack also closes once it holds that many items.
+    Packs are filled from a window of the next `lookahead` unpacked items: each pack opens with the oldest item of
+    the window (so none waits for more than a window's worth of packs), then takes the longest item that still fits,
+    again and again, refilling the window as it goes; it closes when nothing in the window fits. `lookahead=1` is
+    greedy packing in order. A wider window fills packs almost completely even when lengths range from tens to tens
+    of thousands of tokens, where in-order packing leaves a long sequence's pack part empty whenever the next one is
+    too long. The result depends only on the items' order and lengths: every rank builds the same packs, and a
+    resumed packer fed the unpacked window first continues exactly.
     """
-    pack: list[Any] = []
-    used = 0
-    for item, length in items:
-        if pack and (used + length > token_budget or len(pack) == max_items):
-            yield pack
-            pack, used = [], 0
-        pack.append(item)
-        used += length
-    if pack:
+    source = iter(items)
+    window: dict[int, tuple[Any, int]] = {}  # arrival number -> (item, length); insertion order = arrival order
+    by_length: list[tuple[int, int]] = []  # (length, arrival number), sorted
+    arrivals = itertools.count()
+
+    def refill() -> None:
+        while len(window) < lookahead and (nxt := next(source, None)) is not None:
+            number = next(arrivals)
+            window[number] = nxt
+            bisect.insort(by_length, (nxt[1], number))
+
+    def take(number: int) -> tuple[Any, int]:
+        entry = window.pop(number)
+        del by_length[bisect.bisect_left(by_length, (entry[1], number))]
+        return entry
+
+    refill()
+    while window:
+        item, used = take(next(iter(window)))
+        pack = [item]
+        refill()
+        while by_length and len(pack) != max_items:
+            fit = bisect.bisect_right(by_length, (token_budget - used, math.inf)) - 1
+            if fit < 0:
+                break
+            length = by_length[fit][0]
+            item, _ = take(by_length[bisect.bisect_left(by_length, (length, -1))][1])  # the oldest of that length
+            pack.append(item)
+            used += length
+            refill()
         yield pack
 
 
@@ -65,12 +94,13 @@ class PackedBatchSampler:
         seed: int,
         shuffle: bool = True,
         max_sequences: int | None = None,
+        lookahead: int = 1,
     ) -> None:
         if max_seq_length > token_budget:
             raise ValueError(f"token_budget={token_budget} is below max_seq_length={max_seq_length}.")
         self.lengths = np.minimum(np.asarray(lengths), max_seq_length)
         self.token_budget, self.rank, self.world_size = token_budget, rank, world_size
-        self.max_sequences = max_sequences
+        self.max_sequences, self.lookahead = max_sequences, lookahead
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.start = 0, 0
 
@@ -87,7 +117,7 @@ class PackedBatchSampler:
     def __iter__(self) -> Iterator[list[int]]:
         order = self.permutation()
         items = zip(order.tolist(), self.lengths[order].tolist(), strict=True)
-        packs = pack_by_token_budget(items, self.token_budget, self.max_sequences)
+        packs = pack_by_token_budget(items, self.token_budget, self.max_sequences, self.lookahead)
         index = -1
         for index, pack in enumerate(packs):
             if index >= self.start and (index - self.start) % self.world_size == self.rank:
@@ -100,33 +130,41 @@ class PackedBatchSampler:
 class PackedStream(torch.utils.data.IterableDataset):
     """Token-budget packs from a streaming dataset (this rank's shard), resumable mid-epoch.
 
-    Its state is the source dataset's position plus the sequence that overflowed the last pack and opens the next
-    one, so a `StatefulDataLoader` restores it exactly (up to the source's own guarantees: a shuffle buffer's
-    contents are not saved by `datasets`).
+    Its state is the source dataset's position plus the samples drawn but not yet packed (the packer's window), so
+    a `StatefulDataLoader` restores it exactly (up to the source's own guarantees: a shuffle buffer's contents are
+    not saved by `datasets`).
     """
 
-    def __init__(self, source: Any, token_budget: int, max_seq_length: int, max_sequences: int | None = None) -> None:
+    def __init__(
+        self,
+        source: Any,
+        token_budget: int,
+        max_seq_length: int,
+        max_sequences: int | None = None,
+        lookahead: int = 1,
+    ) -> None:
         if max_seq_length > token_budget:
             raise ValueError(f"token_budget={token_budget} is below max_seq_length={max_seq_length}.")
         self.source, self.token_budget, self.max_seq_length = source, token_budget, max_seq_length
-        self.max_sequences = max_sequences
+        self.max_sequences, self.lookahead = max_sequences, lookahead
         self._carry: list[dict[str, Any]] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.source.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        pending: list[dict[str, Any]] = []  # drawn from the source, not yet in a yielded pack
+        pending: dict[int, dict[str, Any]] = {}  # drawn from the source, not yet in a yielded pack, in draw order
 
         def drawn(samples: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], int]]:
             for sample in samples:
-                pending.append(sample)
+                pending[id(sample)] = sample
                 yield sample, min(len(sample["input_ids"]), self.max_seq_length)
 
         samples = drawn(itertools.chain(self._carry, self.source))
-        for pack in pack_by_token_budget(samples, self.token_budget, self.max_sequences):
-            del pending[: len(pack)]
-            self._carry = list(pending)  # the sample that overflowed this pack opens the next one
+        for pack in pack_by_token_budget(samples, self.token_budget, self.max_sequences, self.lookahead):
+            for sample in pack:
+                del pending[id(sample)]
+            self._carry = list(pending.values())  # the packer's window: it opens the next packs
             yield pack
         self._carry = []
 
@@ -369,6 +407,7 @@ def _map_style_loader(
             cfg.seed,
             shuffle=shuffle,
             max_sequences=layout.max_sequences,
+            lookahead=layout.packing_lookahead,
         )
         loader = _stateful_loader(tagged, batch_sampler=EpochTagged(sampler), collate_fn=collator, **kwargs)
         return loader, sampler, 1
@@ -388,7 +427,9 @@ def _streaming_stream(
     source = source.with_format("python")
     kwargs = _loader_kwargs(data_cfg, context, persistent=False)
     if layout.packed:
-        source = PackedStream(source, layout.token_budget, layout.max_seq_length, layout.max_sequences)
+        source = PackedStream(
+            source, layout.token_budget, layout.max_seq_length, layout.max_sequences, layout.packing_lookahead
+        )
         loader = _stateful_loader(source, batch_size=None, collate_fn=collator, **kwargs)
     else:
         loader = _stateful_loader(source, batch_size=int(data_cfg.micro_batch_size), collate_fn=collator, **kwargs)

@@ -1,8 +1,13 @@
-"""Choose and build the ESM-2 model: the TransformerEngine one where it can run, else the transformers reference."""
+"""Choose and build the model (ESM-2 or AMPLIFY): the TransformerEngine one where it can run, else the reference.
+
+The family comes from config.json's `model_type`: "esm"/"nv_esm" is ESM-2 (reference: transformers' EsmForMaskedLM),
+"AMPLIFY"/"nv_amplify" is AMPLIFY (reference: modeling_amplify.AMPLIFY). `model_family` tells the other call sites.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -11,11 +16,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from activation_checkpointing import apply_activation_checkpointing, resolve_checkpoint_plan
 from distributed import is_distributed
+from families import AMPLIFY_MODEL_TYPES, ESM_MODEL_TYPES, model_family
 from precision import build_fp4_recipe, build_fp8_recipe, resolve_plan
 
 if TYPE_CHECKING:  # transformers' model classes take a second to import: only where they are used
     from transformers import EsmConfig
+
+    from modeling_amplify import AMPLIFYConfig
+
+    ModelConfig = EsmConfig | AMPLIFYConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +44,31 @@ def shipped_model_tags() -> list[str]:
 
 
 def model_directory(model_tag: str) -> Path:
-    """The folder holding `config.json` for `model_tag`: a shipped config name or any transformers ESM directory."""
+    """The folder holding `config.json` for `model_tag`: a shipped config name or any ESM-2 or AMPLIFY directory."""
     for candidate in (MODEL_CONFIG_DIR / model_tag, Path(model_tag).expanduser()):
         if (candidate / "config.json").is_file():
             return candidate
     raise ModelConfigError(
         f"model_tag={model_tag!r} is neither a shipped model config ({', '.join(shipped_model_tags())}) nor a "
-        "directory with a transformers ESM config.json."
+        "directory with a config.json of a transformers ESM model or an AMPLIFY checkpoint (model_type 'AMPLIFY')."
     )
 
 
-def load_model_config(model_tag: str) -> EsmConfig:
+def load_model_config(model_tag: str) -> ModelConfig:
+    """`model_tag`'s config: an `AMPLIFYConfig` for AMPLIFY directories (model_type "AMPLIFY"), else an `EsmConfig`."""
+    directory = model_directory(model_tag)
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if model_type in AMPLIFY_MODEL_TYPES:
+        from modeling_amplify import AMPLIFYConfig
+
+        return AMPLIFYConfig.from_pretrained(directory)
     from transformers import EsmConfig
 
-    config = EsmConfig.from_pretrained(model_directory(model_tag))
-    if config.model_type not in ("esm", "nv_esm") or config.is_folding_model:
-        raise ModelConfigError(f"model_tag={model_tag!r} is a {config.model_type!r} config, not an ESM masked LM.")
+    config = EsmConfig.from_pretrained(directory)
+    if config.model_type not in ESM_MODEL_TYPES or config.is_folding_model:
+        raise ModelConfigError(
+            f"model_tag={model_tag!r} is a {config.model_type!r} config, not an ESM masked LM or AMPLIFY."
+        )
     return config
 
 
@@ -72,23 +92,28 @@ def te_unavailable_reason() -> str | None:
     return None
 
 
-def resolve_use_te(setting: Any) -> tuple[bool, str]:
+REFERENCE_NAMES = {"esm2": "transformers EsmForMaskedLM", "amplify": "modeling_amplify.AMPLIFY"}
+TE_NAMES = {"esm2": "ESM-2", "amplify": "AMPLIFY"}
+
+
+def resolve_use_te(setting: Any, family: str = "esm2") -> tuple[bool, str]:
     """Decide between the TE model and the reference; returns (use TE, one-line reason for the log)."""
     value = _normalise_use_te(setting)
+    reference, te_name = f"reference {REFERENCE_NAMES[family]}", f"TransformerEngine {TE_NAMES[family]}"
     if value == "false":
-        return False, "reference transformers EsmForMaskedLM (use_te=false)"
+        return False, f"{reference} (use_te=false)"
     reason = te_unavailable_reason()
     if value == "true" and reason is not None:
         raise ModelConfigError(
             f"use_te=true but {reason}. Run on a GPU host with TransformerEngine, or set use_te=auto."
         )
     if reason is not None:
-        return False, f"reference transformers EsmForMaskedLM (use_te=auto: {reason})"
+        return False, f"{reference} (use_te=auto: {reason})"
     return (
         True,
-        "TransformerEngine ESM-2 (use_te=auto: CUDA and transformer_engine available)"
+        f"{te_name} (use_te=auto: CUDA and transformer_engine available)"
         if value == "auto"
-        else ("TransformerEngine ESM-2 (use_te=true)"),
+        else (f"{te_name} (use_te=true)"),
     )
 
 
@@ -110,57 +135,116 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def build_model(
-    cfg: Any, config: EsmConfig, *, use_te: bool, attn_input_format: str, device: torch.device | str
+    cfg: Any, config: ModelConfig, *, use_te: bool, attn_input_format: str, device: torch.device | str
 ) -> nn.Module:
     """The masked-LM model on `device` ("meta" defers allocation until after sharding; see `materialize`).
 
     The TE model is built for the batch layout (`thd` for packed batches, else `bshd`) and, with FP8 on, gets its
     recipes here: FP8 and NVFP4 cover the transformer layers as the precision plan says (`fp8_layers`,
-    `fp4_layers`; precision.py), never the embeddings or LM head.
+    `fp4_layers`; precision.py), never the embeddings or LM head. Layers recompute their activations in the
+    backward pass where `activation_checkpointing` says so.
     """
+    model = _build_masked_lm(cfg, config, use_te=use_te, attn_input_format=attn_input_format, device=device)
+    plan = resolve_checkpoint_plan(cfg.activation_checkpointing, config.num_hidden_layers)
+    apply_activation_checkpointing(transformer_layers(model), plan, te_layers=use_te)
+    return model
+
+
+def _build_masked_lm(
+    cfg: Any, config: ModelConfig, *, use_te: bool, attn_input_format: str, device: torch.device | str
+) -> nn.Module:
     dtype = parameter_dtype(cfg, device)
+    amplify = model_family(config) == "amplify"
     if not use_te:
-        from transformers import EsmForMaskedLM
-
-        if cfg.pretrained:
-            model = EsmForMaskedLM.from_pretrained(model_directory(cfg.model_tag), config=config).to(device)
-        else:
-            with torch.device(device):
-                model = EsmForMaskedLM(config)
+        model = _reference_amplify(cfg, config, device) if amplify else _reference_esm(cfg, config, device)
         cast_parameters(model, dtype)
-        model.esm.contact_head.requires_grad_(False)  # not part of masked-LM training; no optimizer state for it
         return model
-
-    from modeling_esm_te import NVEsmConfig, NVEsmForMaskedLM
-
     plan = resolve_plan(cfg, config.num_hidden_layers)
-    te_config = NVEsmConfig.from_esm_config(
-        config,
-        attn_input_format=attn_input_format,
-        fp8_layers=plan.numbers("fp8"),
-        fp4_layers=plan.numbers("fp4"),
-        params_dtype=str(dtype).removeprefix("torch."),
-        fp32_residual_connection=bool(cfg.fp32_residual_connection),
-    )
+    te_options = {
+        "attn_input_format": attn_input_format,
+        "fp8_layers": plan.numbers("fp8"),
+        "fp4_layers": plan.numbers("fp4"),
+        "params_dtype": str(dtype).removeprefix("torch."),
+    }
     recipe, fp4_recipe = build_fp8_recipe(cfg), build_fp4_recipe(cfg)
-    if cfg.pretrained:
-        model = NVEsmForMaskedLM.from_hf_checkpoint(model_directory(cfg.model_tag), config=te_config).to(device)
-    else:
-        fp8_weights = recipe if recipe is not None and cfg.fp8_config.quantized_model_init else None
-        model = NVEsmForMaskedLM(te_config, device=device, fp8_weights_recipe=fp8_weights)
+    fp8_weights = recipe if recipe is not None and cfg.fp8_config.quantized_model_init else None
+    build = _te_amplify if amplify else _te_esm
+    model = build(cfg, config, te_options, device, fp8_weights)
     fp8_group = dist.group.WORLD if is_distributed() else None
     model.set_fp8(recipe, fp8_group=fp8_group, fp4_recipe=fp4_recipe)  # amax of delayed scaling reduced over all ranks
     return model
 
 
+def _reference_esm(cfg: Any, config: EsmConfig, device: torch.device | str) -> nn.Module:
+    from transformers import EsmForMaskedLM
+
+    if cfg.pretrained:
+        model = EsmForMaskedLM.from_pretrained(model_directory(cfg.model_tag), config=config).to(device)
+    else:
+        with torch.device(device):
+            model = EsmForMaskedLM(config)
+    model.esm.contact_head.requires_grad_(False)  # not part of masked-LM training; no optimizer state for it
+    return model
+
+
+def _reference_amplify(cfg: Any, config: AMPLIFYConfig, device: torch.device | str) -> nn.Module:
+    if cfg.pretrained:
+        from convert_amplify import load_amplify_checkpoint
+
+        return load_amplify_checkpoint(model_directory(cfg.model_tag)).to(device)
+    from modeling_amplify import AMPLIFY
+
+    with torch.device(device):
+        return AMPLIFY(config)
+
+
+def _te_esm(
+    cfg: Any, config: EsmConfig, te_options: dict[str, Any], device: torch.device | str, fp8_weights: Any
+) -> nn.Module:
+    from modeling_esm_te import NVEsmConfig, NVEsmForMaskedLM
+
+    te_config = NVEsmConfig.from_esm_config(
+        config, **te_options, fp32_residual_connection=bool(cfg.fp32_residual_connection)
+    )
+    if cfg.pretrained:
+        return NVEsmForMaskedLM.from_hf_checkpoint(model_directory(cfg.model_tag), config=te_config).to(device)
+    return NVEsmForMaskedLM(te_config, device=device, fp8_weights_recipe=fp8_weights)
+
+
+def _te_amplify(
+    cfg: Any, config: AMPLIFYConfig, te_options: dict[str, Any], device: torch.device | str, fp8_weights: Any
+) -> nn.Module:
+    """The TE AMPLIFY; it has no FP32 residual option (config_validation refuses fp32_residual_connection)."""
+    from modeling_amplify_te import NVAmplifyConfig, NVAmplifyForMaskedLM
+
+    te_config = NVAmplifyConfig.from_amplify_config(config, **te_options)
+    if cfg.pretrained:
+        return NVAmplifyForMaskedLM.from_amplify_checkpoint(model_directory(cfg.model_tag), te_config, device)
+    return NVAmplifyForMaskedLM(te_config, device=device, fp8_weights_recipe=fp8_weights)
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The module holding embeddings and encoder: `esm`, `amplify` (TE AMPLIFY) or the model itself.
+
+    The reference AMPLIFY keeps the public checkpoints' weight names, which have no prefix.
+    """
+    for name in ("esm", "amplify"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    return model
+
+
 def is_te_model(model: nn.Module) -> bool:
-    return hasattr(model.esm.encoder, "layers")
+    return hasattr(getattr(backbone(model), "encoder", None), "layers")
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks, the unit each parallelism strategy shards or wraps."""
-    encoder = model.esm.encoder
-    return list(encoder.layers if is_te_model(model) else encoder.layer)
+    if is_te_model(model):
+        return list(backbone(model).encoder.layers)
+    if hasattr(model, "transformer_encoder"):  # reference AMPLIFY
+        return list(model.transformer_encoder)
+    return list(model.esm.encoder.layer)
 
 
 def compile_transformer_layers(model: nn.Module) -> None:
@@ -181,7 +265,7 @@ def capture_cuda_graphs(model: nn.Module, static: Any, compute_dtype: torch.dtyp
     the training forward does. Call it on the final, unwrapped model before the optimizer exists: the graphs hold
     the addresses of the weights and gradients.
     """
-    weights_dtype = model.esm.embeddings.word_embeddings.weight.dtype
+    weights_dtype = backbone(model).embeddings.word_embeddings.weight.dtype
     autocast_dtype = compute_dtype if weights_dtype != compute_dtype else None
     model.make_cuda_graphs(static.tokens, static.segments, static.max_seqlen, autocast_dtype)
     logger.info(
@@ -219,7 +303,7 @@ def return_tuple_outputs(model: nn.Module) -> None:
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate a meta-device model's (possibly sharded) storage on `device` and initialise it as ESM-2 does."""
+    """Allocate a meta-device model's (possibly sharded) storage on `device` and initialise it by its family's rule."""
     model.to_empty(device=device)
     model.init_weights()
 

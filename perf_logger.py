@@ -123,7 +123,7 @@ class PerfLogger:
         self._padded_tokens += padded_tokens
         self.total_tokens += tokens
         self._progress.update(1)
-        if step % self.log_every != 0 and step != self.total_steps:
+        if not self.is_log_step(step):
             return None
 
         window = reduce_mean(torch.stack([self._loss_sum / self._steps, self._non_finite]).float())
@@ -156,6 +156,19 @@ class PerfLogger:
         self._reset_window(time.perf_counter())
         return metrics
 
+    def is_log_step(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics too many for the log line (per-layer statistics): to the metrics file and W&B only (rank 0)."""
+        if not self.context.is_main:
+            return
+        if self._metrics_file:
+            with open(self._metrics_file, "a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
     def log_validation(self, step: int, metrics: dict[str, float]) -> None:
         self.last_metrics.update(metrics)
         self._report(step, metrics)
@@ -165,11 +178,7 @@ class PerfLogger:
             return
         text = " ".join(f"{name}={value:.4g}" for name, value in metrics.items())
         self._progress.write(f"step {step}: {text}", file=sys.stderr)
-        if self._metrics_file:
-            with open(self._metrics_file, "a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+        self.record(step, metrics)
 
     def close(self) -> None:
         self._progress.close()

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+import quant_stats
+from activation_checkpointing import resolve_checkpoint_plan
 from checkpoint import (
     Checkpointer,
     CheckpointParts,
@@ -38,7 +40,9 @@ from config_validation import log_inert_keys, validate_config
 from convert import export_final_model
 from dataset import resolve_path
 from distributed import DistributedContext, all_reduce_sum, destroy_distributed, init_distributed
+from families import max_positions, model_family
 from loader import EpochLoader, build_dataloaders, shutdown_workers
+from memory_model import estimate_memory
 from model import load_model_config, resolve_use_te
 from parallel import clip_grad_norm_, gradient_norms, parameter_memory_gib, unwrap
 from perf_logger import PerfLogger, configure_process_logs
@@ -47,7 +51,7 @@ from run_lock import RunLock
 from scheduler import build_esm2_scheduler
 
 if TYPE_CHECKING:
-    from transformers import EsmConfig
+    from model import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +120,7 @@ class Run:
     cfg: DictConfig
     context: DistributedContext
     tokenizer: Any
-    model_config: EsmConfig
+    model_config: ModelConfig
     use_te: bool
     layout: BatchLayout
     train_stream: EpochLoader
@@ -141,7 +145,7 @@ def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
     """
     configure_process_logs(int(os.environ.get("RANK", 0)))  # before the process group: it logs too
     model_config = load_model_config(cfg.model_tag)
-    use_te, reason = resolve_use_te(cfg.use_te)
+    use_te, reason = resolve_use_te(cfg.use_te, model_family(model_config))
     validate_config(cfg, model_config, use_te, strategy)
     layout = BatchLayout.from_config(cfg)
     lock = take_checkpoint_dir(cfg)
@@ -152,6 +156,7 @@ def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
         if use_te:
             plan = resolve_plan(cfg, model_config.num_hidden_layers).describe()
             logger.info("Precision plan: %s; embeddings and LM head: BF16.", plan)
+        log_memory_plan(cfg, model_config, use_te, strategy.name, context, layout)
         log_inert_keys(cfg, strategy)
         from transformers import AutoTokenizer
 
@@ -164,6 +169,43 @@ def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
         raise
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     return Run(cfg, context, tokenizer, model_config, use_te, layout, train_stream, validation_loader, lock)
+
+
+def log_memory_plan(
+    cfg: DictConfig, model_config: ModelConfig, use_te: bool, strategy: str, context: DistributedContext, layout: Any
+) -> None:
+    """Say before the first step what sequences beyond the model's positions mean, and whether the run will fit."""
+    length, positions = int(cfg.dataset.max_seq_length), max_positions(model_config)
+    if length > positions:  # ESM-2 only: config_validation refuses it for AMPLIFY
+        logger.info(
+            "dataset.max_seq_length=%d is beyond the %d positions %s was trained with: its rotary positions extend "
+            "to any length (quality beyond them comes from this training); the exported config records %d.",
+            length,
+            positions,
+            cfg.model_tag,
+            length,
+        )
+    checkpointing = resolve_checkpoint_plan(cfg.activation_checkpointing, model_config.num_hidden_layers)
+    logger.info("%s.", checkpointing.describe(model_config.num_hidden_layers).capitalize())
+    tokens = layout.token_budget if layout.packed else int(cfg.dataset.micro_batch_size) * length
+    estimate = estimate_memory(
+        cfg,
+        model_config,
+        use_te=use_te,
+        strategy=strategy,
+        world_size=context.world_size,
+        tokens=tokens,
+        on_gpu=context.uses_cuda,
+    )
+    logger.info("%s.", estimate.describe())
+    if context.uses_cuda:
+        capacity = torch.cuda.get_device_properties(context.device).total_memory
+        if estimate.total > 0.95 * capacity:
+            logger.warning(
+                "The estimate is above this GPU's %.1f GiB: expect an out-of-memory error. Activations grow with "
+                "tokens per micro-batch x layers; activation_checkpointing.mode=full keeps only each layer's input.",
+                capacity / 2**30,
+            )
 
 
 def build_optimizer(
@@ -214,6 +256,7 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> torch.
         total_steps=int(cfg.num_train_steps),
         decay_fraction=float(sched.decay_fraction),
         min_lr_ratio=float(sched.min_lr_ratio),
+        kind=str(sched.kind),
     )
 
 
@@ -221,7 +264,10 @@ def build_training(
     run: Run, strategy: Strategy
 ) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The wrapped model, its optimizer (built after wrapping: it steps the strategy's parameters) and schedule."""
+    stats = quant_stats.start(run.cfg, run.context, run.model_config.num_hidden_layers)  # before any TE module
     model = strategy.build_model(run)
+    if stats is not None:
+        quant_stats.name_layers(unwrap(model))  # the names its config selects, before the first forward
     optimizer = build_optimizer(run.cfg.optimizer, model, run.context.device, run.cfg.master_weights)
     optimizer = strategy.prepare_optimizer(optimizer)
     return model, optimizer, build_scheduler(run.cfg, optimizer)
@@ -320,6 +366,9 @@ def train_loop(
     batches: Iterator[dict[str, Any]] = iter(run.train_stream)
     model.train()
     step = start_step
+    stats = quant_stats.active()  # the nvdlfw-inspect session build_training opened (quant_stats.enabled), or None
+    if stats is not None:
+        stats.begin(start_step)
     try:
         while step < cfg.num_train_steps:
             host_batches = [next(batches) for _ in range(cfg.grad_acc_steps)]
@@ -334,12 +383,16 @@ def train_loop(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if stats is not None:
+                stats.after_step(step, perf)  # TE's statistics of this step; to the metrics at log steps
             perf.log_step(step, step_loss, grad_norm, scheduler.get_last_lr()[0], tokens, padded)
             if _due(step, cfg.validation.every_n_steps, cfg.num_train_steps) and run.validation_loader is not None:
                 metrics = evaluate(model, run.validation_loader, context.device, int(cfg.validation.max_batches))
                 perf.log_validation(step, metrics)
             if after_step is not None and after_step(step):
                 break
+        if stats is not None:
+            stats.flush(perf)  # what an early stop left since the last log step
     finally:
         perf.close()
     return TrainResult(step, step >= cfg.num_train_steps, perf.last_metrics, perf.total_tokens)
@@ -409,6 +462,7 @@ def _train(setup: Run, strategy: Strategy, guard: TeardownGuard) -> TrainResult:
             "parameters": sum(p.numel() for p in model.parameters()),
             "num_workers": cfg.dataset.num_workers,
             "precision_plan": resolve_plan(cfg, setup.model_config.num_hidden_layers).as_dict(),
+            "packing": setup.layout.packing_facts(),
         },
     )
     checkpointer = Checkpointer(cfg.checkpoint, setup.context, parts)
@@ -424,9 +478,7 @@ def _train(setup: Run, strategy: Strategy, guard: TeardownGuard) -> TrainResult:
         full_state = strategy.state_dict.full_model_state_dict(model)  # a collective: every rank takes part
         ckpt_dir, tokenizer_dir = Path(cfg.checkpoint.ckpt_dir), resolve_path(cfg.tokenizer)
         card = model_card(cfg, result, start_step, tokens, setup, parts.facts["parameters"])
-        final_model = export_final_model(
-            full_state, unwrap(model).config, ckpt_dir, tokenizer_dir, setup.context, model_card=card
-        )
+        final_model = export_final(full_state, unwrap(model).config, ckpt_dir, tokenizer_dir, setup, card)
     logger.info(run_summary(result, start_step, tokens, time.perf_counter() - started, cfg, final_model))
     guard.arm()  # all is written: from here on only the teardown is left
     shutdown_workers()  # here, in a known order, not from destructors while this frame is torn down
@@ -435,6 +487,46 @@ def _train(setup: Run, strategy: Strategy, guard: TeardownGuard) -> TrainResult:
 
 
 TEARDOWN_LIMIT_S = 30.0  # a finished run's normal teardown takes a second or two
+
+
+def export_final(
+    state: dict[str, Any], config: Any, ckpt_dir: Path, tokenizer_dir: Path, setup: Run, card: str
+) -> Path:
+    """`<ckpt_dir>/final_model` in its family's format: transformers ESM-2, or self-contained AMPLIFY (remote code).
+
+    AMPLIFY's max_length stays the model's: training sequences beyond it are refused at start-up.
+    """
+    if model_family(config) == "amplify":
+        from convert_amplify import export_final_amplify_model  # imports transformers: only for AMPLIFY runs
+
+        return export_final_amplify_model(state, config, ckpt_dir, tokenizer_dir, setup.context, model_card=card)
+    return export_final_model(
+        state,
+        config,
+        ckpt_dir,
+        tokenizer_dir,
+        setup.context,
+        model_card=card,
+        trained_length=int(setup.cfg.dataset.max_seq_length),
+    )
+
+
+CARD_FAMILY = {  # family -> (title, what the folder is, from_pretrained options)
+    "esm2": ("ESM-2 masked language model", "a standard transformers ESM-2 checkpoint", ""),
+    "amplify": (
+        "AMPLIFY masked language model",
+        "an AMPLIFY checkpoint in the public chandar-lab layout, with its modeling code (modeling_amplify.py)",
+        ", trust_remote_code=True",
+    ),
+}
+
+
+def _ffn_width(config: Any) -> str:
+    if model_family(config) == "amplify":  # the config's intermediate_size is not the SwiGLU matrices' width
+        from modeling_amplify import swiglu_hidden_size
+
+        return f"SwiGLU {swiglu_hidden_size(config.intermediate_size)} (intermediate_size {config.intermediate_size})"
+    return str(config.intermediate_size)
 
 
 def model_card(cfg: DictConfig, result: TrainResult, start_step: int, tokens: int, setup: Run, parameters: int) -> str:
@@ -449,13 +541,14 @@ def model_card(cfg: DictConfig, result: TrainResult, start_step: int, tokens: in
         precision = "BF16"
     weights = "FP32 master weights" if cfg.use_fp32_master_weights else "BF16 weights"
     val = f"{metrics['val/loss']:.4g} (perplexity {metrics['val/perplexity']:.4g})" if "val/loss" in metrics else "–"
+    title, what, load_options = CARD_FAMILY[model_family(config)]
     lines = [
-        f"# ESM-2 masked language model ({cfg.model_tag}, {parameters:,} parameters)",
+        f"# {title} ({cfg.model_tag}, {parameters:,} parameters)",
         "",
-        "Pretrained with the ESM-2 TransformerEngine recipe; a standard transformers ESM-2 checkpoint.",
+        f"Pretrained with the ESM-2 TransformerEngine recipe; {what}.",
         "",
         f"- Architecture: {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
-        f"{config.num_attention_heads} attention heads, FFN {config.intermediate_size}, "
+        f"{config.num_attention_heads} attention heads, FFN {_ffn_width(config)}, "
         f"vocabulary {config.vocab_size}.",
         f"- Training data: `{cfg.dataset.path}`"
         + (f", {sequences:,} training sequences" if sequences is not None else " (streamed)")
@@ -469,7 +562,7 @@ def model_card(cfg: DictConfig, result: TrainResult, start_step: int, tokens: in
         "```python",
         "from transformers import AutoModelForMaskedLM, AutoTokenizer",
         "",
-        'model = AutoModelForMaskedLM.from_pretrained("path/to/this/folder")',
+        f'model = AutoModelForMaskedLM.from_pretrained("path/to/this/folder"{load_options})',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",
         "",

@@ -21,7 +21,7 @@ def validate(cfg, use_te=False, strategy=train_fsdp2.STRATEGY):
         ("num_train_steps=0", "num_train_steps=0: must be a positive integer"),
         ("dataset.micro_batch_size=-2", "dataset.micro_batch_size=-2: must be a positive integer"),
         ("grad_acc_steps=0", "grad_acc_steps=0"),
-        ("dataset.max_seq_length=2048", "from 3 to the model's max_position_embeddings (1026)"),
+        ("dataset.max_seq_length=2", "dataset.max_seq_length=2: must be an integer of at least 3"),
         ("optimizer.lr=0", "optimizer.lr=0: must be positive"),
         ("use_te=maybe", "use_te='maybe'"),
         ("fp32_residual_connection=yes", "fp32_residual_connection='yes': must be true or false"),

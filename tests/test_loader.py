@@ -37,13 +37,22 @@ def fake_tokens(length, index):
     return [0, *rng.integers(4, 24, size=length - 2).tolist(), 2]
 
 
+lookaheads = st.sampled_from([1, 3, 256])  # in order, a narrow window, the default window
+
+
 @settings(max_examples=60, deadline=None)
-@given(lengths=lengths_strategy, world_size=st.integers(1, 4), budget=st.integers(128, 1024), epoch=st.integers(0, 3))
-def test_packed_sampler_uses_every_sequence_once_within_budget(lengths, world_size, budget, epoch):
+@given(
+    lengths=lengths_strategy,
+    world_size=st.integers(1, 4),
+    budget=st.integers(128, 1024),
+    epoch=st.integers(0, 3),
+    lookahead=lookaheads,
+)
+def test_packed_sampler_uses_every_sequence_once_within_budget(lengths, world_size, budget, epoch, lookahead):
     max_len = 128
     per_rank = []
     for rank in range(world_size):
-        sampler = PackedBatchSampler(np.array(lengths), budget, max_len, rank, world_size, seed=5)
+        sampler = PackedBatchSampler(np.array(lengths), budget, max_len, rank, world_size, seed=5, lookahead=lookahead)
         sampler.set_epoch(epoch)
         per_rank.append(list(sampler))
     assert len({len(packs) for packs in per_rank}) == 1  # every rank does the same number of steps
@@ -57,12 +66,20 @@ def test_packed_sampler_uses_every_sequence_once_within_budget(lengths, world_si
 
 
 @settings(max_examples=30, deadline=None)
-@given(lengths=lengths_strategy, old_world=st.integers(1, 4), new_world=st.integers(1, 4), cut=st.integers(0, 40))
-def test_packed_sampler_resumes_on_another_world_size_without_repeats_or_gaps(lengths, old_world, new_world, cut):
+@given(
+    lengths=lengths_strategy,
+    old_world=st.integers(1, 4),
+    new_world=st.integers(1, 4),
+    cut=st.integers(0, 40),
+    lookahead=lookaheads,
+)
+def test_packed_sampler_resumes_on_another_world_size_without_repeats_or_gaps(
+    lengths, old_world, new_world, cut, lookahead
+):
     def run(world, start, steps=None):
         out = []
         for rank in range(world):
-            sampler = PackedBatchSampler(np.array(lengths), 256, 128, rank, world, seed=2)
+            sampler = PackedBatchSampler(np.array(lengths), 256, 128, rank, world, seed=2, lookahead=lookahead)
             sampler.set_epoch(0, start=start)
             out.append(list(sampler)[:steps])
         return out
@@ -87,11 +104,19 @@ def test_pack_by_token_budget_keeps_order_and_budget(lengths, budget):
 
 
 @settings(max_examples=30, deadline=None)
-@given(lengths=lengths_strategy, budget=st.integers(128, 1024), cap=st.integers(1, 12), world_size=st.integers(1, 3))
-def test_packs_respect_a_sequence_cap_and_still_use_every_sequence_once(lengths, budget, cap, world_size):
+@given(
+    lengths=lengths_strategy,
+    budget=st.integers(128, 1024),
+    cap=st.integers(1, 12),
+    world_size=st.integers(1, 3),
+    lookahead=lookaheads,
+)
+def test_packs_respect_a_sequence_cap_and_still_use_every_sequence_once(lengths, budget, cap, world_size, lookahead):
     per_rank = []
     for rank in range(world_size):
-        sampler = PackedBatchSampler(np.array(lengths), budget, 128, rank, world_size, seed=3, max_sequences=cap)
+        sampler = PackedBatchSampler(
+            np.array(lengths), budget, 128, rank, world_size, seed=3, max_sequences=cap, lookahead=lookahead
+        )
         per_rank.append(list(sampler))
     packs = [pack for packs in per_rank for pack in packs]
     assert sorted(i for pack in packs for i in pack) == list(range(len(lengths)))
@@ -108,13 +133,13 @@ def streaming_source(lengths):
     return datasets.Dataset.from_list(records).to_iterable_dataset(num_shards=1)
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_packed_stream_resumes_mid_epoch_with_the_same_batches(tokenizer, num_workers):
+@pytest.mark.parametrize(("num_workers", "lookahead"), [(0, 1), (1, 1), (0, 32), (1, 32)])
+def test_packed_stream_resumes_mid_epoch_with_the_same_batches(tokenizer, num_workers, lookahead):
     lengths = np.random.default_rng(0).integers(10, 200, size=150).tolist()
     collator = THDCollator(make_masker(tokenizer), tokenizer.pad_token_id, 16)
 
     def loader():
-        stream = PackedStream(streaming_source(lengths), token_budget=512, max_seq_length=128)
+        stream = PackedStream(streaming_source(lengths), token_budget=512, max_seq_length=128, lookahead=lookahead)
         return StatefulDataLoader(stream, batch_size=None, collate_fn=collator, num_workers=num_workers)
 
     uninterrupted = list(loader())
@@ -133,9 +158,10 @@ def test_packed_stream_resumes_mid_epoch_with_the_same_batches(tokenizer, num_wo
         torch.testing.assert_close(actual["cu_seqlens"], expected["cu_seqlens"])
 
 
-def test_packed_stream_never_drops_or_duplicates(tokenizer):
+@pytest.mark.parametrize("lookahead", [1, 8])
+def test_packed_stream_never_drops_or_duplicates(tokenizer, lookahead):
     lengths = np.random.default_rng(1).integers(10, 300, size=90).tolist()
-    stream = PackedStream(streaming_source(lengths), token_budget=400, max_seq_length=128)
+    stream = PackedStream(streaming_source(lengths), token_budget=400, max_seq_length=128, lookahead=lookahead)
     packs = list(stream)
     seen = [tuple(s["input_ids"]) for pack in packs for s in pack]
     assert sorted(seen) == sorted(tuple(fake_tokens(n, i)) for i, n in enumerate(lengths))

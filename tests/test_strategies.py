@@ -152,6 +152,39 @@ def test_ddp_and_fsdp2_start_from_the_same_loss(one_and_two_ranks):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("entrypoint", "checkpointing"),
+    [
+        ("train_ddp.py", ["activation_checkpointing.mode=selective"]),
+        ("train_fsdp2.py", ["activation_checkpointing.mode=full"]),
+    ],
+)
+def test_two_ranks_with_activation_checkpointing_train_exactly_as_without(
+    one_and_two_ranks, tmp_path, entrypoint, checkpointing
+):
+    """Recomputing activations in the backward pass changes memory and time, not the losses or the gradients."""
+    metrics_file = tmp_path / "metrics.jsonl"
+    args = [
+        entrypoint,
+        *SMALL,
+        f"dataset.micro_batch_size={GLOBAL_BATCH // 2}",
+        *checkpointing,
+        f"logger.metrics_file={metrics_file}",
+        f"logger.grad_norms_file={tmp_path / 'grad_norms.json'}",
+    ]
+    result = launch(args, tmp_path, nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Activation checkpointing: " in result.stdout + result.stderr
+    plain = one_and_two_ranks(entrypoint)
+    losses = [[m["train/loss"] for m in run if "train/loss" in m] for run in (read_metrics(metrics_file), plain[2])]
+    assert len(losses[0]) == 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    recomputed = json.loads((tmp_path / "grad_norms.json").read_text())["grad_norms"]
+    for name, norm in plain["grad_norms_2"]["grad_norms"].items():
+        assert recomputed[name] == pytest.approx(norm, rel=1e-6, abs=1e-12), name
+
+
+@pytest.mark.e2e
 def test_ddp_with_torch_compile_gives_the_same_first_loss(one_and_two_ranks, tmp_path):
     metrics_file = tmp_path / "metrics.jsonl"
     args = [
