@@ -27,7 +27,7 @@ import logging
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -570,22 +570,41 @@ def export_hf_model(
     tensors = _unshared_cpu_tensors(hf_state)
 
     esm_config = _export_config(config, tensors, trained_length)
-    length = esm_config.max_position_embeddings
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+
+    def write_files(staging: Path) -> None:
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         esm_config.save_pretrained(staging)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        tokenizer.model_max_length = max(tokenizer.model_max_length, length)
+        tokenizer.model_max_length = max(tokenizer.model_max_length, esm_config.max_position_embeddings)
         tokenizer.save_pretrained(staging)
+
+    return write_export_folder(target, source_format, write_files, model_card)
+
+
+def write_export_folder(
+    target: Path,
+    source_format: str,
+    write_files: Callable[[Path], None],
+    model_card: str | None,
+    format_tag: str = EXPORT_FORMAT_TAG,
+) -> Path:
+    """Fill a sibling staging folder (`write_files`, the model card, the manifest), then rename it to `target`.
+
+    The manifest's `format_tag` says which family's export this is, so a later export replaces only its own kind.
+
+    A crash never leaves a half-written export: the staging folder is removed and `target` keeps what it had.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        write_files(staging)
         if model_card is not None:
             (staging / "README.md").write_text(model_card)
         manifest = {
-            "format": EXPORT_FORMAT_TAG,
+            "format": format_tag,
             "source_format": source_format,
             "files": sorted(path.name for path in staging.iterdir()),
         }

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -38,13 +37,13 @@ from safetensors.torch import save_file
 from convert import (
     EXTRA_STATE_SUFFIX,
     _pad_rows,
-    _publish,
     _unshared_cpu_tensors,
     fuse_qkv,
     load_hf_state_dict,
     rotary_inverse_frequencies,
     split_qkv,
     te_vocab_rows,
+    write_export_folder,
 )
 from distributed import DistributedContext
 from modeling_amplify import (
@@ -277,21 +276,8 @@ def export_amplify_model(
     else:  # validate every key and shape
         public = convert_te_to_amplify(convert_amplify_to_te(state_dict, config), config)
     tensors = _unshared_cpu_tensors(public)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        _write_export(tensors, config, staging, tokenizer_dir)
-        if model_card is not None:
-            (staging / "README.md").write_text(model_card)
-        files = sorted(path.name for path in staging.iterdir())
-        manifest = {"format": EXPORT_FORMAT_TAG, "source_format": source_format, "files": files}
-        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    write_files = lambda staging: _write_export(tensors, config, staging, tokenizer_dir)  # noqa: E731
+    return write_export_folder(target, source_format, write_files, model_card, format_tag=EXPORT_FORMAT_TAG)
 
 
 def export_final_amplify_model(

@@ -30,7 +30,7 @@ from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 
 from collator import IGNORE_INDEX
-from convert import EXTRA_STATE_SUFFIX, rotary_inverse_frequencies, te_vocab_rows
+from convert import rotary_inverse_frequencies, te_vocab_rows
 from convert_amplify import convert_amplify_to_te, load_amplify_state_dict
 from initialization import _fill_as_unsharded
 from modeling_amplify import ROPE_THETA, AMPLIFYConfig, check_supported_config, swiglu_hidden_size
@@ -41,6 +41,7 @@ from modeling_esm_te import (
     NVEsmEncoder,
     NVEsmModel,
     _resolve_device,
+    load_te_state_dict,
 )
 
 AMPLIFY_VOCAB_PAD_MULTIPLE = 16
@@ -313,14 +314,7 @@ class NVAmplifyForMaskedLM(nn.Module):
             full[self.config.pad_token_id] = 0.0
 
     def load_te_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Strict ``load_state_dict`` that tolerates only missing TE ``_extra_state`` (FP8 metadata) entries."""
-        result = self.load_state_dict(state_dict, strict=False)
-        missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE_SUFFIX)]
-        if missing or result.unexpected_keys:
-            raise KeyError(
-                f"state dict does not match NVAmplifyForMaskedLM: missing {missing[:5]} ({len(missing)} total), "
-                f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)} total)"
-            )
+        load_te_state_dict(self, state_dict)
 
     @classmethod
     def from_amplify_checkpoint(

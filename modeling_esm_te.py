@@ -475,6 +475,17 @@ class NVEsmLMHead(nn.Module):
         return self.decoder(features) + self.bias
 
 
+def load_te_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Strict ``load_state_dict`` that tolerates only missing TE ``_extra_state`` (FP8 metadata) entries."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE_SUFFIX)]
+    if missing or result.unexpected_keys:
+        raise KeyError(
+            f"state dict does not match {type(model).__name__}: missing {missing[:5]} ({len(missing)} total), "
+            f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)} total)"
+        )
+
+
 class NVEsmForMaskedLM(nn.Module):
     """ESM-2 masked LM on TransformerEngine; weights interchange with transformers' ``EsmForMaskedLM``.
 
@@ -569,14 +580,7 @@ class NVEsmForMaskedLM(nn.Module):
         contact_head.regression_bias.zero_()
 
     def load_te_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Strict ``load_state_dict`` that tolerates only missing TE ``_extra_state`` (FP8 metadata) entries."""
-        result = self.load_state_dict(state_dict, strict=False)
-        missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE_SUFFIX)]
-        if missing or result.unexpected_keys:
-            raise KeyError(
-                f"state dict does not match NVEsmForMaskedLM: missing {missing[:5]} ({len(missing)} total), "
-                f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)} total)"
-            )
+        load_te_state_dict(self, state_dict)
 
     @classmethod
     def from_hf_checkpoint(
