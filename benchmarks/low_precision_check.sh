@@ -8,8 +8,11 @@
 #
 #   OUT=/tmp/out bash benchmarks/low_precision_check.sh          # STEPS=200 MODEL=esm2_t12_35M_UR50D by default
 #   OUT=/tmp/out RUN_NAMES="bf16 fp8_current_plan" bash benchmarks/low_precision_check.sh
+#   OUT=/tmp/out CONFIG=L0_sanity_amplify MODEL=amplify_120M RUN_NAMES="bf16 fp8_delayed fp8_current fp8_block" \
+#     bash benchmarks/low_precision_check.sh                     # AMPLIFY 120M, every FP8 recipe against BF16
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
+CONFIG=${CONFIG:-L0_sanity}
 MODEL=${MODEL:-esm2_t12_35M_UR50D}
 STEPS=${STEPS:-200}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -18,6 +21,8 @@ declare -A RUNS=(
   [bf16]="precision=bf16"
   [bf16_optimizer_masters]="precision=bf16 master_weights=optimizer"
   [fp8_delayed]="precision=fp8_delayed"
+  [fp8_current]="precision=fp8_current"
+  [fp8_block]="precision=fp8_block"
   [fp8_delayed_fp8_weights]="precision=fp8_delayed master_weights=optimizer fp8_config.quantized_model_init=true"
   [fp8_current_plan]="precision=fp8_current fp8_layers=3-10"
 )
@@ -25,7 +30,7 @@ RUN_NAMES=${RUN_NAMES:-bf16 bf16_optimizer_masters fp8_delayed fp8_delayed_fp8_w
 for name in $RUN_NAMES; do
   rm -f "$OUT/${MODEL}_$name.jsonl"
   # shellcheck disable=SC2086  # the run's overrides
-  timeout 300 python3 train_ddp.py --config-name L0_sanity "model_tag=$MODEL" ${RUNS[$name]} \
+  timeout 300 python3 train_ddp.py --config-name "$CONFIG" "model_tag=$MODEL" ${RUNS[$name]} \
     use_sequence_packing=true dataset.max_seq_length=1024 token_micro_batch_size=16384 "num_train_steps=$STEPS" \
     lr_scheduler.warmup_steps=20 logger.log_every_n_steps=1 logger.progress_bar=false validation.every_n_steps=0 \
     checkpoint.ckpt_dir=null "logger.metrics_file=$OUT/${MODEL}_$name.jsonl" "hydra.run.dir=$OUT/hydra/$name" \

@@ -8,10 +8,14 @@
 #       a fresh process (nvdlfw-inspect's state is global, so one process cannot switch it), REPEATS rounds
 #       interleaved (off 1 10 100, off 1 10 100, ...); per run the tokens/s of steps LOG_EVERY+1..STEPS (the first
 #       window, with start-up and warm-up, left out), median over the rounds -> quant_stats_overhead.{md,json}
-# The fp8_current run of (a) is round 1's every_n_steps=10 run of (b). 14 processes of about a minute each on one H200
-# (measured 2026-12-02: 35M, 105 steps, TE and nvdlfw-inspect start-up included): about 14 minutes with the defaults.
+# The fp8_current run of (a) is round 1's every_n_steps=10 run of (b). On one H200 (2026-12-02, 35M, start-up
+# included) a run of 100-120 steps took about 35 s, 60 s with statistics at every step: (a) 167 s, the 12 runs of (b)
+# with STEPS=100 about 9 minutes, more than one 10-minute device call holds with set-up, hence PARTS and ROUNDS.
 #
 #   OUT=/tmp/out bash benchmarks/quant_stats_check.sh
+#   OUT=/tmp/out PARTS=overhead bash benchmarks/quant_stats_check.sh   # (b) only; PARTS=stats: (a) only
+#   OUT=/tmp/out PARTS=overhead ROUNDS=3 bash ...  # only round 3 of (b) (rounds split over several sessions)
+#   OUT=/tmp/out PARTS=summary bash ...            # only the table of (b), from the metrics files in $OUT
 #   OUT=/tmp/out NVDLFW_WHEEL=wheels/nvdlfw_inspect-0.2.2-py3-none-any.whl bash benchmarks/quant_stats_check.sh
 # nvdlfw-inspect must be importable (pip install nvdlfw-inspect); on a host without network pass a wheel fetched
 # elsewhere with `pip download nvdlfw-inspect --no-deps -d wheels` as NVDLFW_WHEEL.
@@ -21,10 +25,12 @@ MODEL=${MODEL:-esm2_t12_35M_UR50D}
 STEPS=${STEPS:-120}
 LOG_EVERY=${LOG_EVERY:-40}
 REPEATS=${REPEATS:-3}
+PARTS=${PARTS:-stats overhead}
+ROUNDS=${ROUNDS:-$(seq 1 "$REPEATS")}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 1
-if ! python3 -c "import nvdlfw_inspect" 2>/dev/null; then
+if [[ $PARTS != summary ]] && ! python3 -c "import nvdlfw_inspect" 2>/dev/null; then
   if [[ -n ${NVDLFW_WHEEL:-} ]]; then
     python3 -m pip install -q --no-deps "$NVDLFW_WHEEL" || exit 1
   else
@@ -32,8 +38,10 @@ if ! python3 -c "import nvdlfw_inspect" 2>/dev/null; then
     exit 1
   fi
 fi
-python3 -c "import nvdlfw_inspect, transformer_engine; print('TE', transformer_engine.__version__)" | tee "$OUT/versions.txt"
-python3 -m pip show nvdlfw-inspect 2>/dev/null | grep -i '^version' | sed 's/^/nvdlfw-inspect /' | tee -a "$OUT/versions.txt"
+if [[ $PARTS != summary ]]; then
+  python3 -c "import nvdlfw_inspect, transformer_engine; print('TE', transformer_engine.__version__)" | tee "$OUT/versions.txt"
+  python3 -m pip show nvdlfw-inspect 2>/dev/null | grep -i '^version' | sed 's/^/nvdlfw-inspect /' | tee -a "$OUT/versions.txt"
+fi
 
 run() {  # run NAME OVERRIDES...: one training process, its metrics file and log in $OUT
   local name=$1
@@ -47,18 +55,24 @@ run() {  # run NAME OVERRIDES...: one training process, its metrics file and log
 }
 
 # (b) overhead, interleaved rounds; round 1's every_n_steps=10 run is (a)'s fp8_current run
-for round in $(seq 1 "$REPEATS"); do
-  run "off_r$round" precision=fp8_current
-  for every in 1 10 100; do
-    run "every${every}_r$round" precision=fp8_current quant_stats.enabled=true "quant_stats.every_n_steps=$every"
+if [[ $PARTS == *overhead* ]]; then
+  for round in $ROUNDS; do
+    run "off_r$round" precision=fp8_current
+    for every in 1 10 100; do
+      run "every${every}_r$round" precision=fp8_current quant_stats.enabled=true "quant_stats.every_n_steps=$every"
+    done
   done
-done
+fi
 # (a) delayed scaling with its overflow statistic, and the BF16 baseline of the loss panel
-run fp8_delayed_stats precision=fp8_delayed quant_stats.enabled=true quant_stats.every_n_steps=10 \
-  "quant_stats.stats=[underflows_pct,scale_inv_min,scale_inv_max,mse,overflows_pct]"
-run bf16 precision=bf16
-python3 health_report.py "$OUT/every10_r1.jsonl" --baseline "$OUT/bf16.jsonl" --out "$OUT/health_fp8_current.png"
-python3 health_report.py "$OUT/fp8_delayed_stats.jsonl" --baseline "$OUT/bf16.jsonl" --out "$OUT/health_fp8_delayed.png"
+if [[ $PARTS == *stats* ]]; then
+  [[ -f $OUT/every10_r1.jsonl ]] || run every10_r1 precision=fp8_current quant_stats.enabled=true quant_stats.every_n_steps=10
+  run fp8_delayed_stats precision=fp8_delayed quant_stats.enabled=true quant_stats.every_n_steps=10 \
+    "quant_stats.stats=[underflows_pct,scale_inv_min,scale_inv_max,mse,overflows_pct]"
+  run bf16 precision=bf16
+  python3 health_report.py "$OUT/every10_r1.jsonl" --baseline "$OUT/bf16.jsonl" --out "$OUT/health_fp8_current.png"
+  python3 health_report.py "$OUT/fp8_delayed_stats.jsonl" --baseline "$OUT/bf16.jsonl" --out "$OUT/health_fp8_delayed.png"
+fi
+[[ $PARTS == *overhead* || $PARTS == summary ]] || exit 0
 
 OUT=$OUT REPEATS=$REPEATS python3 - <<'EOF'
 """Median tokens/s per setting over the rounds, from each run's metrics file (the windows after the first)."""
