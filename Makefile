@@ -15,6 +15,8 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ACTIVE_ENV := $(or $(VIRTUAL_ENV),$(CONDA_PREFIX))
 PY := $(if $(ACTIVE_ENV),python,$(VENV)/bin/python)
 STAMP := $(if $(ACTIVE_ENV),$(ACTIVE_ENV),$(VENV))/.esm2-recipe-installed
+# pytest-xdist processes for `make test`; each test file stays on one (its module fixtures, the SLURM cluster)
+TEST_WORKERS ?= 2
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
 .PHONY: install train test lint
@@ -39,7 +41,7 @@ train: install
 	$(PY) train_fsdp2.py --config-name L0_sanity
 
 test: install
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(PY) -m ruff check .
