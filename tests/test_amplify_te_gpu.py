@@ -4,15 +4,12 @@ Run on a CUDA machine with TransformerEngine:  python -m pytest tests/test_ampli
 Measured errors are printed and, when GPU_METRICS_FILE is set, appended to that file as JSON lines.
 """
 
-import json
-import os
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import read_fasta_sequences
-from transformers import AutoTokenizer
+from gpu_checks import corrupted_batch, exact_fp32_matmuls, pack, record, rel_l2  # noqa: F401 (autouse fixture)
 
 import convert_amplify
 from modeling_amplify import AMPLIFY, AMPLIFYConfig, amplify_state_dict_shapes
@@ -38,64 +35,11 @@ def te_amplify() -> ModuleType:
     return modeling_amplify_te
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32_matmuls():
-    """FP32 comparisons need true FP32 GEMMs in the reference (TF32 alone gives ~1e-3 relative error)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def record(test: str, **metrics: float | str) -> None:
-    print(f"\n[metrics] {test}: {json.dumps(metrics)}")
-    if path := os.environ.get("GPU_METRICS_FILE"):
-        with open(path, "a") as handle:
-            handle.write(json.dumps({"test": test, **metrics}) + "\n")
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
-
-
 @pytest.fixture(scope="module")
 def bshd_batch() -> dict[str, torch.Tensor]:
     """8 real proteins (<= 512 tokens, padded) with seeded 80/10/10 corruption of 15% of the residues."""
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    encoded = tokenizer(
-        read_fasta_sequences(NUM_SEQUENCES), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
-    )
-    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-    generator = torch.Generator().manual_seed(1234)
-    special = torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids))
-    selected = (torch.rand(input_ids.shape, generator=generator) < MLM_PROBABILITY) & ~special
-    action = torch.rand(input_ids.shape, generator=generator)
-    random_residues = torch.randint(6, 27, input_ids.shape, generator=generator)
-    corrupted = input_ids.clone()
-    corrupted[selected & (action < 0.8)] = tokenizer.mask_token_id
-    replace = selected & (action >= 0.8) & (action < 0.9)
-    corrupted[replace] = random_residues[replace]
-    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
-    assert attention_mask.sum(-1).min() < attention_mask.shape[1], "padding must be exercised"
-    batch = {"input_ids": corrupted, "attention_mask": attention_mask, "labels": labels}
+    batch = corrupted_batch(TOKENIZER_DIR, (6, 27), NUM_SEQUENCES, MAX_TOKENS, MLM_PROBABILITY)
     return {key: value.cuda() for key, value in batch.items()}
-
-
-def pack(batch: dict[str, torch.Tensor], pad_token_id: int, multiple: int = 16) -> dict[str, torch.Tensor | int]:
-    """The same sequences packed (thd) plus a trailing padding segment that makes the token count a multiple."""
-    real = batch["attention_mask"].bool()
-    lengths = real.sum(-1).tolist()
-    input_ids, labels = batch["input_ids"][real], batch["labels"][real]
-    padding = multiple - len(input_ids) % multiple
-    input_ids = torch.cat([input_ids, input_ids.new_full((padding,), pad_token_id)])
-    labels = torch.cat([labels, labels.new_full((padding,), -100)])
-    boundaries = torch.tensor([0, *lengths, padding]).cumsum(0)
-    return {
-        "input_ids": input_ids[None],
-        "labels": labels[None],
-        "cu_seqlens": boundaries.to(device="cuda", dtype=torch.int32),
-        "max_seqlen": max(*lengths, padding),
-    }
 
 
 def random_reference(name: str, seed: int = 0) -> AMPLIFY:
