@@ -6,12 +6,10 @@ tokenizer, so `AutoTokenizer.from_pretrained("tokenizers/esm2")` gives a fast to
 millions of residues per second with no network access.
 """
 
-import json
 from pathlib import Path
 
+from character_tokenizer import character_tokenizer, save
 from transformers import PreTrainedTokenizerFast
-
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
 ESM2_ALPHABET = [
     "<cls>",
@@ -51,32 +49,19 @@ ESM2_ALPHABET = [
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: index for index, token in enumerate(ESM2_ALPHABET)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    tokenizer.add_special_tokens(["<cls>", "<pad>", "<eos>", "<unk>", "<mask>"])
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<cls> $A <eos>",
-        pair="<cls> $A <eos> $B:1 <eos>:1",
-        special_tokens=[("<cls>", vocab["<cls>"]), ("<eos>", vocab["<eos>"])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+    return character_tokenizer(
+        ESM2_ALPHABET,
+        ["<cls>", "<pad>", "<eos>", "<unk>", "<mask>"],
+        "<cls>",
+        "<eos>",
+        1026,
         cls_token="<cls>",
         pad_token="<pad>",
         eos_token="<eos>",
         unk_token="<unk>",
         mask_token="<mask>",
-        model_max_length=1026,
     )
 
 
 if __name__ == "__main__":
-    out = Path(__file__).resolve().parent / "esm2"
-    build_tokenizer().save_pretrained(out)
-    # transformers 5 writes its internal class name; the public alias loads with every transformers release.
-    config_file = out / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-    print(f"wrote {sorted(p.name for p in out.iterdir())}")
+    save(build_tokenizer(), Path(__file__).resolve().parent / "esm2")
