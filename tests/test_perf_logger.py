@@ -10,14 +10,15 @@ from perf_logger import RankPrefix, configure_process_logs
 
 @pytest.fixture
 def root_logging():
-    """The root logger with one capturing handler; its level, filters and warning capture restored afterwards."""
+    """The root logger with one capturing handler, warning capture off; level, filters and capture restored after."""
     root = logging.getLogger()
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(handler.format(record))
     saved_level, saved_handlers = root.level, list(root.handlers)
     root.handlers, root.level = [handler], logging.INFO
-    yield records
+    logging.captureWarnings(False)  # an earlier test of this process may have left it on, which makes turning it on
+    yield records  # a no-op that keeps whatever `warnings.showwarning` that test had (under xdist: any test before)
     for any_handler in root.handlers:  # pytest's own capture handlers are on the root logger during a test too
         for rank_filter in [f for f in any_handler.filters if isinstance(f, RankPrefix)]:
             any_handler.removeFilter(rank_filter)
