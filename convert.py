@@ -475,12 +475,12 @@ def load_hf_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _is_previous_export(directory: Path) -> bool:
+def _is_previous_export(directory: Path, format_tag: str = EXPORT_FORMAT_TAG) -> bool:
     manifest = directory / EXPORT_MANIFEST
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("format") == EXPORT_FORMAT_TAG
+        return json.loads(manifest.read_text()).get("format") == format_tag
     except (OSError, ValueError):
         return False
 
@@ -504,14 +504,23 @@ def source_format_of(config: Any) -> Literal["te", "hf"]:
     return "te" if getattr(config, "model_type", None) == "nv_esm" else "hf"
 
 
-def _check_export_target(target: Path, overwrite: bool) -> None:
+def check_export_target(
+    target: Path, overwrite: bool, format_tag: str = EXPORT_FORMAT_TAG, kind: str = "model"
+) -> None:
+    """Refuse to replace a non-empty folder unless it is an earlier export of this format or `overwrite` is set."""
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"export target {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not _is_previous_export(target) and not overwrite:
+    if target.is_dir() and any(target.iterdir()) and not _is_previous_export(target, format_tag) and not overwrite:
         raise FileExistsError(
-            f"{target} is not empty and is not an earlier model export; pass overwrite=True to replace it or pick "
+            f"{target} is not empty and is not an earlier {kind} export; pass overwrite=True to replace it or pick "
             "another directory"
         )
+
+
+def single_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype all exported tensors share (what config.json records), or None when they differ."""
+    dtypes = {tensor.dtype for tensor in tensors.values()}
+    return next(iter(dtypes)) if len(dtypes) == 1 else None
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -530,9 +539,8 @@ def _export_config(config: Any, tensors: Mapping[str, torch.Tensor], trained_len
     esm_config = copy.deepcopy(to_esm_config(config))  # the live model's config stays as it is
     esm_config.architectures = ["EsmForMaskedLM"]
     esm_config.max_position_embeddings = max(esm_config.max_position_embeddings, trained_length or 0)
-    dtypes = {tensor.dtype for tensor in tensors.values()}
-    if len(dtypes) == 1:
-        esm_config.dtype = next(iter(dtypes))
+    if (dtype := single_dtype(tensors)) is not None:
+        esm_config.dtype = dtype
     return esm_config
 
 
@@ -561,7 +569,7 @@ def export_hf_model(
     if source_format not in ("te", "hf"):
         raise ValueError(f"source_format must be 'te' or 'hf', got {source_format!r}")
     target = Path(out_dir)
-    _check_export_target(target, overwrite)
+    check_export_target(target, overwrite)
     if source_format == "te":
         hf_state = convert_te_to_hf(state_dict, config)
     else:  # Round-trip through the TE layout: validates every key and shape and normalises older layouts.

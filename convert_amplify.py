@@ -36,11 +36,14 @@ from safetensors.torch import save_file
 
 from convert import (
     EXTRA_STATE_SUFFIX,
+    _fused_qkv,
     _pad_rows,
     _unshared_cpu_tensors,
+    check_export_target,
     fuse_qkv,
     load_hf_state_dict,
     rotary_inverse_frequencies,
+    single_dtype,
     split_qkv,
     te_vocab_rows,
     write_export_folder,
@@ -59,7 +62,6 @@ from modeling_amplify import (
 logger = logging.getLogger(__name__)
 
 MODELING_FILE = Path(__file__).resolve().parent / "modeling_amplify.py"
-EXPORT_MANIFEST = "export_manifest.json"
 EXPORT_FORMAT_TAG = "amplify-export"
 AUTO_MAP = {
     "AutoConfig": "modeling_amplify.AMPLIFYConfig",
@@ -108,10 +110,6 @@ _LAYER_KEYS = {  # public suffix under transformer_encoder.{i} -> TE suffix unde
     "ffn.w12.weight": "layernorm_mlp.fc1_weight",
     "ffn.w3.weight": "layernorm_mlp.fc2_weight",
 }
-
-
-def _fused_qkv(config: Any) -> bool:
-    return bool(getattr(config, "fuse_qkv_params", True))
 
 
 def te_amplify_state_dict_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -203,21 +201,6 @@ def load_amplify_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype | Non
     return model.to(dtype) if dtype is not None else model
 
 
-def _check_export_target(target: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty folder unless it is an earlier AMPLIFY export or ``overwrite`` is set."""
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"export target {target} exists and is not a directory")
-    if not target.is_dir() or not any(target.iterdir()) or overwrite:
-        return
-    manifest = target / EXPORT_MANIFEST
-    try:
-        previous = json.loads(manifest.read_text()).get("format") == EXPORT_FORMAT_TAG
-    except (OSError, ValueError):
-        previous = False
-    if not previous:
-        raise FileExistsError(f"{target} is not empty and is not an earlier AMPLIFY export; pass overwrite=True")
-
-
 def public_config_dict(config: Any) -> dict[str, Any]:
     """``config.json`` content in the public AMPLIFY key format plus ``auto_map`` to the shipped modeling file."""
     values = {key: getattr(config, key) for key in PUBLIC_CONFIG_KEYS}
@@ -241,9 +224,8 @@ def _save_tokenizer(tokenizer_dir: str | Path, target: Path) -> None:
 def _write_export(tensors: dict[str, torch.Tensor], config: Any, staging: Path, tokenizer_dir: str | Path) -> None:
     save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
     values = public_config_dict(config)
-    dtypes = {tensor.dtype for tensor in tensors.values()}
-    if len(dtypes) == 1:
-        values["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
+    if (dtype := single_dtype(tensors)) is not None:
+        values["torch_dtype"] = str(dtype).removeprefix("torch.")
     (staging / "config.json").write_text(json.dumps(values, indent=2) + "\n")
     shutil.copyfile(MODELING_FILE, staging / MODELING_FILE.name)
     _save_tokenizer(tokenizer_dir, staging)
@@ -270,7 +252,7 @@ def export_amplify_model(
     if source_format not in ("te", "amplify"):
         raise ValueError(f"source_format must be 'te' or 'amplify', got {source_format!r}")
     target = Path(out_dir)
-    _check_export_target(target, overwrite)
+    check_export_target(target, overwrite, EXPORT_FORMAT_TAG, kind="AMPLIFY")
     if source_format == "te":
         public = convert_te_to_amplify(state_dict, config)
     else:  # validate every key and shape
