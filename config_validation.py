@@ -259,11 +259,6 @@ def _amplify_problems(cfg: DictConfig, model_config: ModelConfig) -> list[str]:
             "fp32_residual_connection=true is ESM-2 only: the TE AMPLIFY model has no FP32 residual stream (its "
             "bias-free layers do not go through the ESM layer's residual path); set fp32_residual_connection=false"
         )
-    if cfg.cuda_graphs is True:
-        problems.append(
-            "cuda_graphs=true is ESM-2 only: the TE AMPLIFY model has no graph capture (NVAmplifyForMaskedLM has no "
-            "make_cuda_graphs); set cuda_graphs=false"
-        )
     return problems
 
 

@@ -41,6 +41,7 @@ from modeling_esm_te import (
     NVEsmEncoder,
     NVEsmModel,
     _resolve_device,
+    check_layer_plan,
     load_te_state_dict,
 )
 
@@ -95,16 +96,7 @@ class NVAmplifyConfig(AMPLIFYConfig):
             raise ValueError(
                 f"padded_vocab_size must be an int >= vocab_size ({self.vocab_size}) or None, got {rows!r}"
             )
-        for key in ("fp8_layers", "fp4_layers"):
-            if (layers := getattr(self, key)) is None:
-                continue
-            valid = range(1, self.num_hidden_layers + 1)
-            if any(isinstance(n, bool) or not isinstance(n, int) or n not in valid for n in layers):
-                raise ValueError(f"{key} must list 1-based layer numbers in 1..{self.num_hidden_layers}, got {layers}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"{key} lists a layer more than once: {layers}")
-        if self.fp8_layers is not None and self.fp4_layers is not None and set(self.fp8_layers) & set(self.fp4_layers):
-            raise ValueError(f"fp8_layers {self.fp8_layers} and fp4_layers {self.fp4_layers} share layers")
+        check_layer_plan(self.num_hidden_layers, self.fp8_layers, self.fp4_layers)
 
     @classmethod
     def from_amplify_config(cls, config: AMPLIFYConfig, **te_options: Any) -> "NVAmplifyConfig":
@@ -207,22 +199,12 @@ class NVAmplifyEncoder(NVEsmEncoder):
             )
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
-        """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``), as ``NVEsmEncoder`` without its norm."""
-        graphed = self.__dict__.get("graphed_layers") if self.training else None
-        outer = self.outer_recipe
-        with te.autocast(enabled=outer is not None, recipe=outer, amax_reduction_group=self.fp8_group):
-            for index, layer in enumerate(self.layers):
-                with self._layer_precision(layer.layer_number):
-                    if graphed is None:
-                        hidden_states = layer(hidden_states, **layer_kwargs)
-                    else:
-                        rotary, cu_seqlens = layer_kwargs["rotary_pos_emb"], layer_kwargs["cu_seqlens_q"]
-                        hidden_states = graphed[index](hidden_states, rotary, cu_seqlens)
-        return hidden_states
+        """Run all layers; the final norm is the decoder's."""
+        return self.run_layers(hidden_states, **layer_kwargs)
 
 
 class NVAmplifyModel(NVEsmModel):
-    """Embedding, interleaved rotary table and TE layers; input checks and bshd/thd handling are ``NVEsmModel``'s."""
+    """Embedding, interleaved rotary table and TE layers (input checks, thd/bshd and graph capture: NVEsmModel's)."""
 
     def __init__(
         self, config: NVAmplifyConfig, device: torch.device, dtype: torch.dtype, fp8_weights_recipe: Any = None
@@ -272,6 +254,10 @@ class NVAmplifyForMaskedLM(nn.Module):
         self.amplify.encoder.fp8_recipe = recipe
         self.amplify.encoder.fp4_recipe = fp4_recipe
         self.amplify.encoder.fp8_group = fp8_group
+
+    def make_cuda_graphs(self, tokens: int, segments: int, max_seqlen: int, autocast_dtype: torch.dtype | None) -> None:
+        """Graph the transformer layers for packed batches of one static shape (``NVEsmModel.make_cuda_graphs``)."""
+        self.amplify.make_cuda_graphs(tokens, segments, max_seqlen, autocast_dtype)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -51,6 +51,19 @@ PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 ATTN_INPUT_FORMATS = ("bshd", "thd")
 
 
+def check_layer_plan(num_layers: int, fp8_layers: list[int] | None, fp4_layers: list[int] | None) -> None:
+    """Reject an FP8/NVFP4 layer plan that names a layer the model lacks, twice, or in both formats."""
+    for key, layers in (("fp8_layers", fp8_layers), ("fp4_layers", fp4_layers)):
+        if layers is None:
+            continue
+        if any(isinstance(n, bool) or not isinstance(n, int) or n not in range(1, num_layers + 1) for n in layers):
+            raise ValueError(f"{key} must list 1-based layer numbers in 1..{num_layers}, got {layers}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"{key} lists a layer more than once: {layers}")
+    if fp8_layers is not None and fp4_layers is not None and set(fp8_layers) & set(fp4_layers):
+        raise ValueError(f"fp8_layers {fp8_layers} and fp4_layers {fp4_layers} share layers")
+
+
 class NVEsmConfig(EsmConfig):
     """``EsmConfig`` plus the TransformerEngine options of :class:`NVEsmForMaskedLM`.
 
@@ -101,16 +114,7 @@ class NVEsmConfig(EsmConfig):
                     f"padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size ({self.vocab_size}); use "
                     f"{round_up_vocab(self.vocab_size)} (vocab rounded up to a multiple of 64) or None"
                 )
-        for key in ("fp8_layers", "fp4_layers"):
-            if (layers := getattr(self, key)) is None:
-                continue
-            valid = range(1, self.num_hidden_layers + 1)
-            if any(isinstance(n, bool) or not isinstance(n, int) or n not in valid for n in layers):
-                raise ValueError(f"{key} must list 1-based layer numbers in 1..{self.num_hidden_layers}, got {layers}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"{key} lists a layer more than once: {layers}")
-        if self.fp8_layers is not None and self.fp4_layers is not None and set(self.fp8_layers) & set(self.fp4_layers):
-            raise ValueError(f"fp8_layers {self.fp8_layers} and fp4_layers {self.fp4_layers} share layers")
+        check_layer_plan(self.num_hidden_layers, self.fp8_layers, self.fp4_layers)
 
     @classmethod
     def from_esm_config(cls, esm_config: EsmConfig, **te_options: Any) -> "NVEsmConfig":
@@ -375,6 +379,14 @@ class NVEsmEncoder(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
+        hidden_states = self.run_layers(hidden_states, **layer_kwargs)
+        final_norm = self.emb_layer_norm_after
+        if not torch.is_autocast_enabled():  # an FP32 residual stream meets BF16 weights
+            hidden_states = hidden_states.to(final_norm.weight.dtype)
+        return final_norm(hidden_states)
+
+    def run_layers(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
+        """The layer stack under its precision plan; in training, the captured graphs once there are any."""
         graphed = self.__dict__.get("graphed_layers") if self.training else None
         outer = self.outer_recipe
         with te.autocast(enabled=outer is not None, recipe=outer, amax_reduction_group=self.fp8_group):
@@ -385,10 +397,7 @@ class NVEsmEncoder(nn.Module):
                     else:
                         rotary, cu_seqlens = layer_kwargs["rotary_pos_emb"], layer_kwargs["cu_seqlens_q"]
                         hidden_states = graphed[index](hidden_states, rotary, cu_seqlens)
-        final_norm = self.emb_layer_norm_after
-        if not torch.is_autocast_enabled():  # an FP32 residual stream meets BF16 weights
-            hidden_states = hidden_states.to(final_norm.weight.dtype)
-        return final_norm(hidden_states)
+        return hidden_states
 
 
 class EsmContactHeadWeights(nn.Module):
@@ -402,7 +411,10 @@ class EsmContactHeadWeights(nn.Module):
 
 
 class NVEsmModel(nn.Module):
-    """ESM-2 encoder: embeddings with token dropout, rotary TE layers, final LayerNorm."""
+    """ESM-2 encoder: embeddings with token dropout, rotary TE layers, final LayerNorm.
+
+    The input checks, the bshd/thd handling and graph capture serve AMPLIFY's backbone too (it subclasses this).
+    """
 
     def __init__(
         self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype, fp8_weights_recipe: Any = None
@@ -415,6 +427,38 @@ class NVEsmModel(nn.Module):
         )
         self.encoder = NVEsmEncoder(config, device, dtype, fp8_weights_recipe)
         self.contact_head = EsmContactHeadWeights(config, device, dtype)
+
+    def make_cuda_graphs(self, tokens: int, segments: int, max_seqlen: int, autocast_dtype: torch.dtype | None) -> None:
+        """Graph the transformer layers for packed batches of one static shape (collator.StaticPacking).
+
+        ``tokens`` per batch, ``segments`` entries of ``cu_seqlens`` minus one, ``max_seqlen`` fixed; capture runs
+        under ``autocast_dtype`` autocast (as the training forward does; None: none) on random inputs, and leaves
+        the weights, the gradients and TE's FP8 scaling state as they were.
+        """
+        if self.config.attn_input_format != "thd":
+            raise ValueError("CUDA graphs need packed (thd) batches of a static shape; build the model with 'thd'")
+        weight = self.embeddings.word_embeddings.weight
+        bounds = torch.linspace(0, tokens, min(segments, -(-tokens // max_seqlen)) + 1).round().to(torch.int32)
+        cu_seqlens = torch.full((segments + 1,), tokens, dtype=torch.int32)
+        cu_seqlens[: len(bounds)] = bounds
+        cu_seqlens = cu_seqlens.to(weight.device)
+        rotary = self.rotary_embeddings(max_seqlen)
+        # What each layer is given in training: the embeddings' output, then the previous layer's (the compute dtype,
+        # or FP32 with an FP32 residual stream, an ESM-2-only option).
+        fp32_residual = getattr(self.config, "fp32_residual_connection", False)
+        between = torch.float32 if fp32_residual else (autocast_dtype or weight.dtype)
+        dtypes = [weight.dtype] + [between] * (self.config.num_hidden_layers - 1)
+        sample_args = tuple(
+            (
+                torch.randn(tokens, self.config.hidden_size, device=weight.device, dtype=dtype, requires_grad=True),
+                rotary,
+                cu_seqlens,
+            )
+            for dtype in dtypes
+        )
+        context = torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False) if autocast_dtype else nullcontext()
+        with context:
+            self.encoder.make_cuda_graphs(sample_args, max_seqlen)
 
     def forward(
         self,
@@ -522,35 +566,8 @@ class NVEsmForMaskedLM(nn.Module):
         self.esm.encoder.fp8_group = fp8_group
 
     def make_cuda_graphs(self, tokens: int, segments: int, max_seqlen: int, autocast_dtype: torch.dtype | None) -> None:
-        """Graph the transformer layers for packed batches of one static shape (collator.StaticPacking).
-
-        ``tokens`` per batch, ``segments`` entries of ``cu_seqlens`` minus one, ``max_seqlen`` fixed; capture runs
-        under ``autocast_dtype`` autocast (as the training forward does; None: none) on random inputs, and leaves
-        the weights, the gradients and TE's FP8 scaling state as they were.
-        """
-        if self.config.attn_input_format != "thd":
-            raise ValueError("CUDA graphs need packed (thd) batches of a static shape; build the model with 'thd'")
-        weight = self.esm.embeddings.word_embeddings.weight
-        bounds = torch.linspace(0, tokens, min(segments, -(-tokens // max_seqlen)) + 1).round().to(torch.int32)
-        cu_seqlens = torch.full((segments + 1,), tokens, dtype=torch.int32)
-        cu_seqlens[: len(bounds)] = bounds
-        cu_seqlens = cu_seqlens.to(weight.device)
-        rotary = self.esm.rotary_embeddings(max_seqlen)
-        # What each layer is given in training: the embeddings' output, then the previous layer's (the compute dtype,
-        # or FP32 with an FP32 residual stream).
-        between = torch.float32 if self.config.fp32_residual_connection else (autocast_dtype or weight.dtype)
-        dtypes = [weight.dtype] + [between] * (self.config.num_hidden_layers - 1)
-        sample_args = tuple(
-            (
-                torch.randn(tokens, self.config.hidden_size, device=weight.device, dtype=dtype, requires_grad=True),
-                rotary,
-                cu_seqlens,
-            )
-            for dtype in dtypes
-        )
-        context = torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False) if autocast_dtype else nullcontext()
-        with context:
-            self.esm.encoder.make_cuda_graphs(sample_args, max_seqlen)
+        """Graph the transformer layers for packed batches of one static shape (``NVEsmModel.make_cuda_graphs``)."""
+        self.esm.make_cuda_graphs(tokens, segments, max_seqlen, autocast_dtype)
 
     @torch.no_grad()
     def init_weights(self) -> None:

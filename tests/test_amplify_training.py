@@ -19,7 +19,6 @@ import torch
 from conftest import RECIPE_DIR, compose, launch, read_metrics
 from torch import nn
 
-import train_ddp
 import train_fsdp2
 import train_mfsdp
 from activation_checkpointing import apply_activation_checkpointing, resolve_checkpoint_plan
@@ -166,13 +165,6 @@ def test_the_amplify_configs_pass_the_start_up_gate():
             "dataset.max_seq_length=4096: above this AMPLIFY model's max_length (2048)",
         ),
         ("L0_sanity_amplify", ["fp32_residual_connection=true"], True, train_fsdp2.STRATEGY, "ESM-2 only"),
-        (
-            "L0_sanity_amplify",
-            ["cuda_graphs=true", "use_sequence_packing=true"],
-            True,
-            train_ddp.STRATEGY,
-            "cuda_graphs=true is ESM-2 only",
-        ),
         (
             "L1_amplify_120M",
             ["dataset.path=x.faa", "lr_scheduler.kind=step"],

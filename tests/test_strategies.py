@@ -343,9 +343,12 @@ def test_dockerfile_keeps_the_images_torch_and_transformer_engine():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and TransformerEngine")
-@pytest.mark.parametrize("precision", ["bf16", "fp8_current"])
-def test_cuda_graphed_training_gives_the_eager_losses(tmp_path, precision):
-    """train_ddp.py with cuda_graphs=true against the same static-shape run without graphs.
+@pytest.mark.parametrize(
+    ("config_name", "precision"),
+    [("L0_sanity", "bf16"), ("L0_sanity", "fp8_current"), ("L0_sanity_amplify", "bf16")],
+)
+def test_cuda_graphed_training_gives_the_eager_losses(tmp_path, config_name, precision):
+    """train_ddp.py with cuda_graphs=true against the same static-shape run without graphs, ESM-2 and AMPLIFY.
 
     The first two steps match bit for bit (the same kernels on the same weights and batches); after that the runs
     drift apart by up to ~3e-4 of the loss (35M and 650M on an H200), as two eager runs of the same command do
@@ -359,8 +362,9 @@ def test_cuda_graphed_training_gives_the_eager_losses(tmp_path, precision):
             [
                 "train_ddp.py",
                 "--config-name",
-                "L0_sanity",
+                config_name,
                 f"precision={precision}",
+                "use_te=true",
                 "use_sequence_packing=true",
                 mode,
                 "num_train_steps=12",
