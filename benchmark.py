@@ -831,7 +831,7 @@ def markdown(report: dict[str, Any], heading: str = "#") -> str:
         else "not measured"
     )
     lines = [
-        f"{heading} ESM-2 pretraining throughput: {meta['gpu']}, {meta['date']}",
+        f"{heading} Pretraining throughput: {meta['gpu']}, {meta['date']}",
         "",
         f"torch {meta['torch']}, TransformerEngine {meta['transformer_engine']}, transformers {meta['transformers']}; "
         f"one {meta['device']}. Matmul ceilings measured in this run ({meta['ceiling_size']}³, median): {ceilings}.",

@@ -43,6 +43,7 @@ CHECKED_SECTIONS = (
     "quant_stats",
 )
 ZERO_DP_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")  # TE's context-parallel exchanges (a2a+p2p needs two groups: not here)
 REDUCE_DTYPES = ("float32", "bfloat16")
 
 
@@ -53,6 +54,7 @@ class StrategyRules(Protocol):
     needs_cuda: bool
     compiles: bool
     graphs: bool
+    context_parallel: bool
     optimizer_master_weights: bool
     inert_keys: tuple[str, ...]
 
@@ -144,6 +146,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("fp32_residual_connection", _bool, "must be true or false"),
     ("static_shapes", _bool, "must be true or false"),
     ("cuda_graphs", _bool, "must be true or false"),
+    ("cp_size", _positive_int, "must be a positive integer (1: no context parallelism)"),
+    ("cp_comm_type", lambda v: v in CP_COMM_TYPES, f"must be one of {CP_COMM_TYPES}"),
     ("max_sequences_per_pack", _optional(_positive_int), "must be a positive integer, or null"),
     ("packing_lookahead", _positive_int, "must be a positive integer (1: pack sequences in order)"),
     ("seed", _non_negative_int, "must be a non-negative integer"),
@@ -389,6 +393,61 @@ def _master_weights_problems(cfg: DictConfig, use_te: bool, strategy: StrategyRu
     return problems
 
 
+def _context_parallel_problems(
+    cfg: DictConfig, model_config: ModelConfig, use_te: bool, strategy: StrategyRules
+) -> list[str]:
+    """What `cp_size` > 1 needs: a grid of the job's ranks, packed batches, TE's attention, gradients over all ranks.
+
+    The world size is torchrun's (WORLD_SIZE), read before the process group exists.
+    """
+    import os
+
+    cp_size = cfg.cp_size
+    if not (_positive_int(cp_size) and cp_size > 1):
+        return []
+    prefix, world = f"cp_size={cp_size}", int(os.environ.get("WORLD_SIZE", 1))
+    problems = []
+    if world % cp_size:
+        problems.append(
+            f"{prefix} does not divide this job's {world} rank(s) (WORLD_SIZE): the ranks form a data-parallel x "
+            f"context-parallel grid; launch a multiple of {cp_size} processes (torchrun --nproc_per_node), or "
+            "choose a cp_size that divides the number of GPUs"
+        )
+    if not cfg.use_sequence_packing:
+        problems.append(
+            f"{prefix} splits packed (THD) sequences between GPUs; padded BSHD batches cannot be split: set "
+            "use_sequence_packing=true"
+        )
+    if not use_te:
+        problems.append(
+            f"{prefix} needs the TransformerEngine model, whose attention exchanges keys and values within a CP "
+            "group; the reference transformers model has no such attention. Run on GPUs with TE (use_te=auto|true)"
+        )
+    if not strategy.context_parallel:
+        problems.append(
+            f"{prefix} is not supported by train_{strategy.name}.py (its gradients are reduced over data-parallel "
+            "ranks only, so CP ranks would train on different gradients); use train_fsdp2.py or train_ddp.py"
+        )
+    for key in ("cuda_graphs", "static_shapes", "use_torch_compile"):
+        if cfg[key] is True:
+            problems.append(
+                f"{key}=true and {prefix} exclude each other: "
+                + (
+                    "TE's context-parallel attention is not verified under torch.compile"
+                    if key == "use_torch_compile"
+                    else "every sequence is padded to a multiple of 2 x cp_size, so a shard's shape varies"
+                )
+                + f"; set {key}=false"
+            )
+    heads = model_config.num_attention_heads
+    if cfg.cp_comm_type == "a2a" and heads % cp_size:
+        problems.append(
+            f"cp_comm_type=a2a scatters the attention heads over the CP group: {heads} heads do not divide by "
+            f"{prefix}; use cp_comm_type=p2p or a cp_size that divides {heads}"
+        )
+    return problems
+
+
 def validate_config(cfg: DictConfig, model_config: ModelConfig, use_te: bool, strategy: StrategyRules) -> None:
     """Raise `ConfigError` naming every unusable value (and its fix) before any data or model is built."""
     missing = list(missing_keys(cfg))
@@ -410,6 +469,7 @@ def validate_config(cfg: DictConfig, model_config: ModelConfig, use_te: bool, st
     problems += _strategy_problems(cfg, strategy)
     problems += _static_shape_problems(cfg, use_te, strategy)
     problems += _master_weights_problems(cfg, use_te, strategy)
+    problems += _context_parallel_problems(cfg, model_config, use_te, strategy)
     problems += quant_stats_problems(cfg, model_config.num_hidden_layers, use_te)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))

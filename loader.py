@@ -3,6 +3,9 @@
 Map-style data is ordered by one global, per-epoch permutation that every rank walks (`GlobalShuffleSampler` for
 padded batches, `PackedBatchSampler` for token-budget packs), so progress is one number for any world size.
 Streaming data is packed on the fly (`PackedStream`) and resumes through `StatefulDataLoader`'s state.
+
+Data is shared out by data-parallel rank: with context parallelism the ranks of a CP group build the same batches
+(and keep the same position), and `context_parallel.ContextParallelCollator` leaves each rank its chunks of them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.utils.data import Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from collator import BatchLayout, build_collator
+from context_parallel import ContextParallelCollator
 from dataset import DataConfigError, load_sequence_splits, sequence_lengths, shard_streaming
 from distributed import DistributedContext, ignore_stop_signals, main_process_first
 
@@ -257,6 +261,8 @@ class EpochLoader:
     `GlobalShuffleSampler` (units = sequences) or `PackedBatchSampler` (units = packs); either resumes exactly on any
     number of ranks or workers. Streaming data keeps the `StatefulDataLoader` state (the datasets' shard and
     shuffle positions in each worker, plus the packing carry-over), which resumes on the same number of ranks.
+    `world_size` is the number of data-parallel ranks (the world size over `cp_size`): the ranks of a CP group read
+    the same batches, so they count once.
     """
 
     def __init__(
@@ -324,8 +330,9 @@ class EpochLoader:
             self._start = state["consumed"]
         elif state["world_size"] != self.world_size:
             raise DataConfigError(
-                f"This checkpoint's streaming data position was saved with {state['world_size']} ranks; a streaming "
-                f"dataset can only resume mid-epoch on the same number of ranks (now {self.world_size})."
+                f"This checkpoint's streaming data position was saved with {state['world_size']} data-parallel ranks; "
+                "a streaming dataset can only resume mid-epoch on the same number of data-parallel ranks (now "
+                f"{self.world_size}; world size / cp_size)."
             )
         else:
             self._pending_loader_state = state["loader"]
@@ -402,8 +409,8 @@ def _map_style_loader(
             sequence_lengths(ds),
             layout.token_budget,
             layout.max_seq_length,
-            context.rank,
-            context.world_size,
+            context.dp_rank,
+            context.dp_size,
             cfg.seed,
             shuffle=shuffle,
             max_sequences=layout.max_sequences,
@@ -411,7 +418,7 @@ def _map_style_loader(
         )
         loader = _stateful_loader(tagged, batch_sampler=EpochTagged(sampler), collate_fn=collator, **kwargs)
         return loader, sampler, 1
-    sampler = GlobalShuffleSampler(len(ds), context.rank, context.world_size, cfg.seed, shuffle=shuffle)
+    sampler = GlobalShuffleSampler(len(ds), context.dp_rank, context.dp_size, cfg.seed, shuffle=shuffle)
     batch_size = int(cfg.dataset.micro_batch_size)
     loader = _stateful_loader(
         tagged, batch_size=batch_size, sampler=EpochTagged(sampler), drop_last=shuffle, collate_fn=collator, **kwargs
@@ -423,7 +430,7 @@ def _streaming_stream(
     cfg: Any, layout: BatchLayout, train: datasets.IterableDataset, context: DistributedContext, collator: Any
 ) -> EpochLoader:
     data_cfg = cfg.dataset
-    source = shard_streaming(train, context.rank, context.world_size, cfg.seed, int(data_cfg.shuffle_buffer_size))
+    source = shard_streaming(train, context.dp_rank, context.dp_size, cfg.seed, int(data_cfg.shuffle_buffer_size))
     source = source.with_format("python")
     kwargs = _loader_kwargs(data_cfg, context, persistent=False)
     if layout.packed:
@@ -433,7 +440,17 @@ def _streaming_stream(
         loader = _stateful_loader(source, batch_size=None, collate_fn=collator, **kwargs)
     else:
         loader = _stateful_loader(source, batch_size=int(data_cfg.micro_batch_size), collate_fn=collator, **kwargs)
-    return EpochLoader(loader, collator, context.world_size, streaming_dataset=source)
+    return EpochLoader(loader, collator, context.dp_size, streaming_dataset=source)
+
+
+def _rank_collator(cfg: Any, layout: BatchLayout, tokenizer: Any, context: DistributedContext) -> Any:
+    """The batch collator of `layout`; with context parallelism, one that keeps this rank's chunks of each batch."""
+    collator = build_collator(cfg.dataset, layout, tokenizer, cfg.seed)
+    if context.cp_size == 1:
+        return collator
+    return ContextParallelCollator(
+        collator, context.cp_size, context.cp_rank, tokenizer.pad_token_id, layout.token_multiple
+    )
 
 
 def build_dataloaders(
@@ -442,14 +459,14 @@ def build_dataloaders(
     """The endless training stream and the (finite, identical on every run) validation loader of this rank."""
     with main_process_first(context):
         splits = load_sequence_splits(cfg.dataset, tokenizer, cfg.seed)
-    collator = build_collator(cfg.dataset, layout, tokenizer, cfg.seed)
+    collator = _rank_collator(cfg, layout, tokenizer, context)
     if isinstance(splits.train, datasets.IterableDataset):
         train_stream = _streaming_stream(cfg, layout, splits.train, context, collator)
     else:
         loader, sampler, units = _map_style_loader(cfg, layout, splits.train, context, collator, shuffle=True)
-        train_stream = EpochLoader(loader, collator, context.world_size, sampler=sampler, units_per_batch=units)
+        train_stream = EpochLoader(loader, collator, context.dp_size, sampler=sampler, units_per_batch=units)
     validation_loader = None
     if splits.validation is not None:
-        val_collator = build_collator(cfg.dataset, layout, tokenizer, cfg.seed)  # epoch 0: the same masks every time
+        val_collator = _rank_collator(cfg, layout, tokenizer, context)  # epoch 0: the same masks every time
         validation_loader, _, _ = _map_style_loader(cfg, layout, splits.validation, context, val_collator, False)
     return train_stream, validation_loader

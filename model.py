@@ -142,12 +142,27 @@ def build_model(
     The TE model is built for the batch layout (`thd` for packed batches, else `bshd`) and, with FP8 on, gets its
     recipes here: FP8 and NVFP4 cover the transformer layers as the precision plan says (`fp8_layers`,
     `fp4_layers`; precision.py), never the embeddings or LM head. Layers recompute their activations in the
-    backward pass where `activation_checkpointing` says so.
+    backward pass where `activation_checkpointing` says so. With `cp_size` > 1 (TE model, packed batches: checked at
+    start-up) the model splits each sequence over its CP group (`enable_context_parallel`).
     """
     model = _build_masked_lm(cfg, config, use_te=use_te, attn_input_format=attn_input_format, device=device)
     plan = resolve_checkpoint_plan(cfg.activation_checkpointing, config.num_hidden_layers)
     apply_activation_checkpointing(transformer_layers(model), plan, te_layers=use_te)
+    if use_te and cfg.cp_size > 1:
+        enable_context_parallel(model, int(cfg.cp_size), str(cfg.cp_comm_type))
     return model
+
+
+def enable_context_parallel(model: nn.Module, cp_size: int, comm_type: str) -> None:
+    """Give the TE model this rank's CP group of the (dp, cp) mesh (``NVEsmModel.set_context_parallel``).
+
+    One CUDA stream serves TE's overlapped key/value exchange; the shard's extra inputs (``cu_seqlens_padded``,
+    ``local_cu_seqlens``) come with each batch from ``context_parallel.ContextParallelCollator``.
+    """
+    from distributed import parallel_mesh
+
+    group = parallel_mesh(cp_size)["cp"].get_group()
+    backbone(model).set_context_parallel(group, dist.get_process_group_ranks(group), torch.cuda.Stream(), comm_type)
 
 
 def _build_masked_lm(

@@ -139,6 +139,7 @@ class NVAmplifyEmbeddings(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        local_cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.word_embeddings(input_ids)
 
@@ -330,13 +331,23 @@ class NVAmplifyForMaskedLM(nn.Module):
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cu_seqlens_padded: torch.Tensor | None = None,
+        local_cu_seqlens: torch.Tensor | None = None,
     ) -> MaskedLMOutput:
         """Masked-LM logits (last dim = the real 27-token vocabulary) and, given labels, the float32 mean loss.
 
         Inputs as ``NVEsmForMaskedLM.forward``: bshd ``[B, S]`` ids/mask (1 = real)/labels; thd ``[1, T]`` or ``[T]``
-        ids/labels with int32 ``cu_seqlens`` on device and a Python-int ``max_seqlen``. Labels of -100 are ignored.
+        ids/labels with int32 ``cu_seqlens`` on device and a Python-int ``max_seqlen``; a context-parallel shard's
+        ``cu_seqlens_padded`` and ``local_cu_seqlens``. Labels of -100 are ignored.
         """
-        hidden = self.amplify(input_ids, attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        hidden = self.amplify(
+            input_ids,
+            attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            cu_seqlens_padded=cu_seqlens_padded,
+            local_cu_seqlens=local_cu_seqlens,
+        )
         with te.autocast(enabled=False):  # the head stays in BF16/FP32 whatever autocast surrounds the model
             padded_logits = self.decoder(hidden)
         vocab = self.config.vocab_size

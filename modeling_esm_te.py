@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformer_engine.pytorch as te
 from torch import nn
@@ -34,6 +35,7 @@ from transformers import EsmConfig
 from transformers.modeling_outputs import MaskedLMOutput
 
 from collator import IGNORE_INDEX
+from context_parallel import masked_fraction
 from convert import (
     EXTRA_STATE_SUFFIX,
     convert_hf_to_te,
@@ -180,7 +182,13 @@ class EsmRotaryEmbedding(te.attention.RotaryPositionEmbedding):
 
 
 class NVEsmEmbeddings(nn.Module):
-    """Word embeddings with ESM-2's token-dropout rescaling, exactly as transformers computes it."""
+    """Word embeddings with ESM-2's token-dropout rescaling, exactly as transformers computes it.
+
+    Under context parallelism (``cp_group`` set) a packed shard holds only part of each sequence: its per-sequence
+    mask counts are summed over the CP group, so the rescaling is that of the whole sequence.
+    """
+
+    cp_group: Any = None  # the context-parallel process group (NVEsmModel.set_context_parallel), or None
 
     def __init__(self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
@@ -195,8 +203,13 @@ class NVEsmEmbeddings(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        local_cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Embed ``[B, S]`` ids (with optional ``attention_mask``) or packed ``[T]`` ids (with ``cu_seqlens``)."""
+        """Embed ``[B, S]`` ids (with optional ``attention_mask``) or packed ``[T]`` ids (with ``cu_seqlens``).
+
+        ``local_cu_seqlens``: a context-parallel shard's own boundaries of each sequence (``cu_seqlens`` then holds
+        the whole sequences' real lengths).
+        """
         embeddings = self.word_embeddings(input_ids)
         if self.token_dropout:
             is_mask = input_ids == self.mask_token_id
@@ -204,22 +217,21 @@ class NVEsmEmbeddings(nn.Module):
             if cu_seqlens is None:
                 lengths = attention_mask.sum(-1) if attention_mask is not None else input_ids.shape[-1]
                 observed_ratio = (is_mask.sum(-1).float() / lengths)[:, None, None]
+            elif local_cu_seqlens is None:
+                observed_ratio = masked_fraction(is_mask, cu_seqlens, cu_seqlens)[:, None]
             else:
-                observed_ratio = self._packed_mask_ratio(is_mask, cu_seqlens)[:, None]
+                observed_ratio = masked_fraction(is_mask, local_cu_seqlens, cu_seqlens, self._sum_over_cp)[:, None]
             embeddings = (embeddings * (1 - MASK_RATIO_TRAIN) / (1 - observed_ratio)).to(embeddings.dtype)
         if attention_mask is not None:
             embeddings = (embeddings * attention_mask.unsqueeze(-1)).to(embeddings.dtype)
         return embeddings
 
-    @staticmethod
-    def _packed_mask_ratio(is_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """Per-token masked fraction of its own sequence, computed on device without a host sync."""
-        positions = torch.arange(is_mask.shape[0], device=is_mask.device, dtype=cu_seqlens.dtype)
-        segment = torch.searchsorted(cu_seqlens[1:], positions, right=True)
-        masked = torch.zeros(cu_seqlens.shape[0] - 1, device=is_mask.device, dtype=torch.float32)
-        masked.index_add_(0, segment, is_mask.float())
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1)
-        return (masked / lengths)[segment]
+    def _sum_over_cp(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per-sequence mask counts summed over the CP group, on the device (no host sync)."""
+        if self.cp_group is None:
+            raise ValueError("local_cu_seqlens given but no CP group set: call NVEsmModel.set_context_parallel")
+        dist.all_reduce(counts, group=self.cp_group)
+        return counts
 
 
 class EsmTransformerLayer(te.TransformerLayer):
@@ -413,8 +425,11 @@ class EsmContactHeadWeights(nn.Module):
 class NVEsmModel(nn.Module):
     """ESM-2 encoder: embeddings with token dropout, rotary TE layers, final LayerNorm.
 
-    The input checks, the bshd/thd handling and graph capture serve AMPLIFY's backbone too (it subclasses this).
+    The input checks, the bshd/thd handling, graph capture and context parallelism serve AMPLIFY's backbone too (it
+    subclasses this).
     """
+
+    cp_size: int = 1  # ranks of the context-parallel group (set_context_parallel); 1: whole sequences here
 
     def __init__(
         self, config: NVEsmConfig, device: torch.device, dtype: torch.dtype, fp8_weights_recipe: Any = None
@@ -460,34 +475,41 @@ class NVEsmModel(nn.Module):
         with context:
             self.encoder.make_cuda_graphs(sample_args, max_seqlen)
 
+    def set_context_parallel(
+        self, cp_group: Any, cp_global_ranks: list[int], cp_stream: torch.cuda.Stream, cp_comm_type: str = "p2p"
+    ) -> None:
+        """Split every packed sequence over ``cp_group``: TE's attention exchanges keys and values within it.
+
+        Each layer gets the group (``te.TransformerLayer.set_context_parallel_group``; ``cp_comm_type`` "p2p" is
+        TE's ring exchange, "all_gather" or "a2a" its alternatives) and the embeddings reduce their token-dropout
+        counts over it. Forward then takes a shard of ``context_parallel.shard_collated_batch``: the rank's chunks
+        with the whole batch's ``cu_seqlens``, ``cu_seqlens_padded`` and ``max_seqlen``, and its ``local_cu_seqlens``.
+        """
+        if self.config.attn_input_format != "thd":
+            raise ValueError("context parallelism splits packed (thd) batches; build the model with 'thd'")
+        self.cp_size = dist.get_world_size(cp_group)
+        for layer in self.encoder.layers:
+            layer.set_context_parallel_group(cp_group, cp_global_ranks, cp_stream, cp_comm_type)
+        self.embeddings.cp_group = cp_group  # token-dropout counts (ESM-2; AMPLIFY's embedding has none)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cu_seqlens_padded: torch.Tensor | None = None,
+        local_cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states ``[B, S, H]`` (bshd) or ``[T, H]`` (thd); see ``NVEsmForMaskedLM.forward`` for inputs."""
+        """Hidden states ``[B, S, H]`` (bshd) or ``[T, H]`` (thd); see ``NVEsmForMaskedLM.forward`` for inputs.
+
+        Under context parallelism (thd only) also ``cu_seqlens_padded`` and ``local_cu_seqlens`` (see
+        ``set_context_parallel``); ``max_seqlen`` is then the longest padded sequence of the whole batch.
+        """
         if self.config.attn_input_format == "thd":
-            if cu_seqlens is None or max_seqlen is None:
-                raise ValueError("attn_input_format='thd' needs cu_seqlens (int32 [n+1]) and max_seqlen (a Python int)")
-            if attention_mask is not None:
-                raise ValueError("packed (thd) batches take cu_seqlens instead of attention_mask; pass one of them")
-            if isinstance(max_seqlen, torch.Tensor):
-                raise TypeError("max_seqlen must be a Python int: reading a device tensor would sync host and device")
-            if input_ids.dim() == 2 and input_ids.shape[0] != 1:
-                raise ValueError(f"packed input_ids must be [1, T] or [T], got shape {tuple(input_ids.shape)}")
-            if cu_seqlens.dtype != torch.int32:
-                raise ValueError(f"cu_seqlens must be int32 (TE's requirement), got {cu_seqlens.dtype}")
-            hidden_states = self.embeddings(input_ids.reshape(-1), cu_seqlens=cu_seqlens)
-            layer_kwargs = {
-                "attention_mask": None,
-                "rotary_pos_emb": self.rotary_embeddings(max_seqlen),
-                "cu_seqlens_q": cu_seqlens,
-                "cu_seqlens_kv": cu_seqlens,
-                "max_seqlen_q": max_seqlen,
-                "max_seqlen_kv": max_seqlen,
-            }
+            hidden_states, layer_kwargs = self._packed_inputs(
+                input_ids, attention_mask, cu_seqlens, max_seqlen, cu_seqlens_padded, local_cu_seqlens
+            )
         else:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens given but config.attn_input_format is 'bshd'; build the model with 'thd'")
@@ -500,6 +522,49 @@ class NVEsmModel(nn.Module):
             else:  # TE wants [B, 1, 1, S] booleans with True = masked out.
                 layer_kwargs["attention_mask"] = ~attention_mask.bool()[:, None, None, :]
         return self.encoder(hidden_states, **layer_kwargs)
+
+    def _packed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+        cu_seqlens_padded: torch.Tensor | None,
+        local_cu_seqlens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The embedded packed tokens and the layers' keyword arguments, whole sequences or a CP shard of them."""
+        if cu_seqlens is None or max_seqlen is None:
+            raise ValueError("attn_input_format='thd' needs cu_seqlens (int32 [n+1]) and max_seqlen (a Python int)")
+        if attention_mask is not None:
+            raise ValueError("packed (thd) batches take cu_seqlens instead of attention_mask; pass one of them")
+        if isinstance(max_seqlen, torch.Tensor):
+            raise TypeError("max_seqlen must be a Python int: reading a device tensor would sync host and device")
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError(f"packed input_ids must be [1, T] or [T], got shape {tuple(input_ids.shape)}")
+        if cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens must be int32 (TE's requirement), got {cu_seqlens.dtype}")
+        sharded = self.cp_size > 1
+        if sharded != (cu_seqlens_padded is not None and local_cu_seqlens is not None):
+            raise ValueError(
+                f"with cp_size={self.cp_size}, cu_seqlens_padded and local_cu_seqlens must be given exactly when "
+                "cp_size > 1 (a shard of context_parallel.shard_collated_batch)"
+            )
+        hidden_states = self.embeddings(input_ids.reshape(-1), cu_seqlens=cu_seqlens, local_cu_seqlens=local_cu_seqlens)
+        layer_kwargs = {
+            "attention_mask": None,
+            # The table covers the whole padded sequence: under CP TE's fused RoPE reads each chunk's rows at its
+            # true offsets, from cu_seqlens_padded and the CP rank.
+            "rotary_pos_emb": self.rotary_embeddings(max_seqlen),
+            "cu_seqlens_q": cu_seqlens,
+            "cu_seqlens_kv": cu_seqlens,
+            "max_seqlen_q": max_seqlen,
+            "max_seqlen_kv": max_seqlen,
+        }
+        if sharded:  # pad_between_seqs: TE's RoPE takes cu_seqlens_padded only when told (it does not infer it)
+            layer_kwargs.update(
+                cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded, pad_between_seqs=True
+            )
+        return hidden_states, layer_kwargs
 
 
 class NVEsmLMHead(nn.Module):
@@ -629,15 +694,25 @@ class NVEsmForMaskedLM(nn.Module):
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cu_seqlens_padded: torch.Tensor | None = None,
+        local_cu_seqlens: torch.Tensor | None = None,
     ) -> MaskedLMOutput:
         """Masked-LM logits (last dim = real vocab size) and, given labels, the mean cross-entropy in float32.
 
         bshd: ``input_ids``/``attention_mask``/``labels`` are ``[B, S]``, mask 1 = real token.
         thd: ``input_ids``/``labels`` are ``[1, T]`` or ``[T]``; ``cu_seqlens`` (int32, on device) has one entry per
         sequence boundary and ends at T (a trailing padding segment is its own entry); ``max_seqlen`` is a Python int.
+        A context-parallel shard (``set_context_parallel``) also takes ``cu_seqlens_padded`` and ``local_cu_seqlens``.
         Labels equal to -100 are ignored. Nothing here reads device values on the host.
         """
-        hidden_states = self.esm(input_ids, attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        hidden_states = self.esm(
+            input_ids,
+            attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            cu_seqlens_padded=cu_seqlens_padded,
+            local_cu_seqlens=local_cu_seqlens,
+        )
         vocab = self.config.vocab_size
         logits = self.lm_head(hidden_states)[..., :vocab].reshape(*input_ids.shape, vocab)
         loss = None

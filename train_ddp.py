@@ -32,7 +32,7 @@ from training import TEARDOWN_LIMIT_S, Run, Strategy, run
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
-    """Replicate `model` (already on `device`) and average its gradients over all ranks.
+    """Replicate `model` (already on `device`) and average its gradients over all ranks (context-parallel ones too).
 
     Every trainable parameter takes part in the masked-LM loss (model.py freezes the reference model's contact head,
     the one part that does not), so DDP runs without `find_unused_parameters` and its extra graph traversal per step.
@@ -80,6 +80,7 @@ STRATEGY = Strategy(
     grad_sync=ddp_grad_sync,
     forward_context=bf16_autocast,
     graphs=True,
+    context_parallel=True,  # DDP averages over every rank, CP ranks included: gradients of the whole sequences
     optimizer_master_weights=True,  # TE FusedAdam over BF16 or FP8 replicas
     inert_keys=("use_meta_device", "fsdp", "mfsdp"),
 )

@@ -20,10 +20,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from checkpoint import DistributedStateDict
+from distributed import sharding_mesh
 from model import build_model, compile_transformer_layers, materialize, transformer_layers
 from training import TEARDOWN_LIMIT_S, Run, Strategy, run
 
@@ -61,7 +62,7 @@ def build_sharded_model(run: Run) -> nn.Module:
     )
     if cfg.use_torch_compile:
         compile_transformer_layers(model)  # before sharding: FSDP2's hooks stay outside the compiled graphs
-    mesh = init_device_mesh(context.device.type, (context.world_size,), mesh_dim_names=("dp",))
+    mesh = sharding_mesh(context)  # every rank: data- and context-parallel ranks reduce gradients together
     on_gpu = context.uses_cuda  # CPU runs stay in FP32
     apply_fsdp2(
         model,
@@ -80,6 +81,7 @@ STRATEGY = Strategy(
     build_model=build_sharded_model,
     state_dict=DistributedStateDict(),  # sharded DCP: each rank writes its shards, resharded on load
     grad_sync=fsdp2_grad_sync,
+    context_parallel=True,
     inert_keys=("mfsdp",),
 )
 

@@ -77,8 +77,9 @@ class Strategy:
     `grad_sync(model, sync)` skips gradient reduction on accumulation micro-batches (`sync=False`);
     `forward_context(device)` is the precision context around each forward; `clip_grads(model, max_norm)` clips by
     the global norm and returns it; `state_dict` presents model and optimizer state to DCP and the export.
-    `needs_cuda`, `compiles`, `graphs` (can run `cuda_graphs`) and `optimizer_master_weights` (can keep the FP32
-    master weights in TE's FusedAdam over BF16/FP8 parameters) are checked at start-up; `inert_keys` are
+    `needs_cuda`, `compiles`, `graphs` (can run `cuda_graphs`), `context_parallel` (reduces gradients over every
+    rank, so `cp_size` > 1 works) and `optimizer_master_weights` (can keep the FP32 master weights in TE's FusedAdam
+    over BF16/FP8 parameters) are checked at start-up; `inert_keys` are
     configuration keys (or sections) this strategy does not read: one changed from its default is named once in
     the log.
     """
@@ -93,6 +94,7 @@ class Strategy:
     needs_cuda: bool = False
     compiles: bool = True
     graphs: bool = False
+    context_parallel: bool = False
     optimizer_master_weights: bool = False
     inert_keys: tuple[str, ...] = ()
 
@@ -150,7 +152,7 @@ def setup_run(cfg: DictConfig, strategy: Strategy) -> Run:
     layout = BatchLayout.from_config(cfg)
     lock = take_checkpoint_dir(cfg)
     try:
-        context = init_distributed()
+        context = init_distributed(cp_size=int(cfg.cp_size))
         check_gpu_supports(cfg, context.device)
         logger.info("Model: %s, %s.", cfg.model_tag, reason)
         if use_te:
@@ -188,6 +190,7 @@ def log_memory_plan(
     checkpointing = resolve_checkpoint_plan(cfg.activation_checkpointing, model_config.num_hidden_layers)
     logger.info("%s.", checkpointing.describe(model_config.num_hidden_layers).capitalize())
     tokens = layout.token_budget if layout.packed else int(cfg.dataset.micro_batch_size) * length
+    tokens //= context.cp_size  # each GPU of a CP group holds its share of every sequence
     estimate = estimate_memory(
         cfg,
         model_config,
@@ -295,6 +298,10 @@ def global_loss_scale(micro_batches: list[dict[str, Any]], world_size: int) -> t
     the global count of masked tokens (all-reduced on the device, so the host never waits), and multiplied by the
     world size because data-parallel gradient reduction averages over ranks. A run on N ranks then computes exactly
     the gradients of one rank holding the whole global batch, and gradient accumulation matches a larger batch.
+    With context parallelism the ranks of a CP group hold disjoint chunks of one batch, so the world sum still
+    counts each masked token once, and their gradients (TE's ring attention sends each key's and value's gradient
+    back to the rank that holds it) are averaged over all dp x cp ranks too (DDP over the world, FSDP2 on the
+    flattened mesh): N-way CP gives the gradients of one GPU holding every sequence whole.
     """
     count = all_reduce_sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro_batches).float())
     return world_size / count

@@ -184,3 +184,57 @@ def test_megatron_fsdp_refuses_cuda_graphs():
     cfg = compose("L0_sanity", ["cuda_graphs=true", "use_sequence_packing=true"])
     with pytest.raises(ConfigError, match=r"cuda_graphs=true is not supported by train_mfsdp\.py"):
         validate(cfg, use_te=True, strategy=train_mfsdp.STRATEGY)
+
+
+CP_PACKED = ["cp_size=2", "use_sequence_packing=true"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "use_te", "strategy", "world", "message"),
+    [
+        (CP_PACKED, True, train_fsdp2.STRATEGY, "3", "cp_size=2 does not divide this job's 3 rank(s) (WORLD_SIZE)"),
+        (CP_PACKED, True, train_ddp.STRATEGY, "1", "cp_size=2 does not divide this job's 1 rank(s)"),
+        (["cp_size=2"], True, train_ddp.STRATEGY, "2", "padded BSHD batches cannot be split: set use_sequence_packing"),
+        (CP_PACKED, False, train_fsdp2.STRATEGY, "2", "cp_size=2 needs the TransformerEngine model"),
+        (CP_PACKED, True, train_mfsdp.STRATEGY, "2", "cp_size=2 is not supported by train_mfsdp.py"),
+        ([*CP_PACKED, "cuda_graphs=true"], True, train_ddp.STRATEGY, "2", "cuda_graphs=true and cp_size=2 exclude"),
+        ([*CP_PACKED, "static_shapes=true"], True, train_ddp.STRATEGY, "2", "static_shapes=true and cp_size=2 exclude"),
+        ([*CP_PACKED, "use_torch_compile=true"], True, train_ddp.STRATEGY, "2", "use_torch_compile=true and cp_size=2"),
+        (["cp_size=3", "use_sequence_packing=true", "cp_comm_type=a2a"], True, train_ddp.STRATEGY, "3", "20 heads"),
+        (["cp_size=0"], True, train_ddp.STRATEGY, "1", "cp_size=0: must be a positive integer (1: no context"),
+        (["cp_comm_type=ring"], True, train_ddp.STRATEGY, "1", "cp_comm_type='ring': must be one of ('p2p',"),
+    ],
+)
+def test_context_parallel_settings_that_cannot_work_are_refused(
+    monkeypatch, overrides, use_te, strategy, world, message
+):
+    """Checked from torchrun's WORLD_SIZE before the process group, the data or the model exist."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ConfigError) as error:
+        validate(compose("L0_sanity", overrides), use_te=use_te, strategy=strategy)
+    assert message in str(error.value)
+
+
+def test_context_parallel_passes_where_it_can_work(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")  # a 4 x 2 grid; a2a: 20 heads over 2 ranks
+    for strategy in (train_ddp.STRATEGY, train_fsdp2.STRATEGY):
+        validate(compose("L0_sanity", [*CP_PACKED, "cp_comm_type=a2a"]), use_te=True, strategy=strategy)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    validate(compose("L0_sanity_cp"), use_te=True, strategy=train_fsdp2.STRATEGY)  # the shipped 2-GPU sanity run
+
+
+def test_a_cpu_run_with_context_parallelism_stops_before_the_process_group_data_or_model(monkeypatch):
+    """`python train_fsdp2.py cp_size=2` on CPU: setup_run's first step names every reason, in one message."""
+    import training
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reached past the start-up check")
+
+    monkeypatch.setattr(training, "configure_process_logs", lambda rank: None)
+    for name in ("take_checkpoint_dir", "init_distributed", "build_dataloaders"):
+        monkeypatch.setattr(training, name, must_not_run)
+    with pytest.raises(ConfigError) as error:
+        training.setup_run(compose("L0_sanity", ["cp_size=2"]), train_fsdp2.STRATEGY)
+    for reason in ("cp_size=2 does not divide this job's 1 rank(s)", "set use_sequence_packing=true",
+                   "cp_size=2 needs the TransformerEngine model"):  # fmt: skip
+        assert reason in str(error.value)

@@ -13,6 +13,7 @@ from context_parallel import (
     masked_fraction,
     pad_sequences,
     rank_chunks,
+    shard_collated_batch,
     shard_packed_batch,
 )
 from training import mlm_loss
@@ -138,3 +139,26 @@ def test_the_loss_over_shards_with_the_global_masked_count_is_the_unsplit_loss(b
     assert count == (labels != IGNORE_INDEX).sum() == (whole["labels"] != IGNORE_INDEX).sum()
     split = sum(mlm_loss(s["input_ids"], s["labels"], reduction="sum") for s in shards) / count
     torch.testing.assert_close(split, unsplit, rtol=1e-6, atol=0)  # mlm_loss computes in FP32
+
+
+@settings(max_examples=25, deadline=None)
+@given(BATCHES, st.sampled_from([8, 16, 32, 128]))
+def test_each_shard_meets_the_precisions_token_multiple_and_still_reassembles(batch, token_multiple):
+    lengths, cp_size, seed = batch
+    input_ids, labels, cu_seqlens = packed_batch(lengths, seed)
+    collated = {"input_ids": input_ids[None], "labels": labels[None], "cu_seqlens": cu_seqlens, "max_seqlen": 0}
+    shards = [shard_collated_batch(collated, cp_size, r, PAD, token_multiple) for r in range(cp_size)]
+    padded = shards[0]["cu_seqlens_padded"]
+    sizes = padded.diff()
+    assert all(s["input_ids"].shape == (1, int(padded[-1]) // cp_size) for s in shards)
+    assert shards[0]["input_ids"].shape[1] % token_multiple == 0 and (sizes % (2 * cp_size) == 0).all()
+    assert (sizes[:-1] - cu_seqlens.diff()[:-1] < 2 * cp_size).all()  # only the last sequence takes the extra padding
+    assert shards[0]["max_seqlen"] == int(sizes.max()) and padded.dtype == cu_seqlens.dtype == torch.int32
+    assert all(s["local_cu_seqlens"].dtype == torch.int32 for s in shards)
+    for key in ("input_ids", "labels"):
+        whole = gather_shards([s[key][0] for s in shards], padded)
+        real = pad_sequences(input_ids, labels, cu_seqlens, cp_size, PAD)[key]  # the same, up to the extra padding
+        assert (
+            torch.equal(whole[: len(real)], real)
+            and (whole[len(real) :] == (PAD if key == "input_ids" else IGNORE_INDEX)).all()
+        )

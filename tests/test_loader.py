@@ -331,5 +331,5 @@ def test_workers_outlive_epochs_and_mask_each_epoch_as_a_fresh_worker_would(toke
 
 def test_epoch_loader_refuses_streaming_resume_on_another_world_size():
     stream = EpochLoader(loader=None, collator=None, world_size=2)
-    with pytest.raises(DataConfigError, match="same number of ranks"):
+    with pytest.raises(DataConfigError, match="same number of data-parallel ranks"):
         stream.load_state_dict({"epoch": 0, "world_size": 4, "loader": {}})
