@@ -24,12 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformer_engine.pytorch as te
 from torch import nn
-from transformers.modeling_outputs import MaskedLMOutput
 
-from collator import IGNORE_INDEX
 from convert import rotary_inverse_frequencies, te_vocab_rows
 from convert_amplify import convert_amplify_to_te, load_amplify_state_dict
 from initialization import _fill_as_unsharded
@@ -40,6 +37,7 @@ from modeling_esm_te import (
     EsmRotaryEmbedding,
     NVEsmEncoder,
     NVEsmModel,
+    TEMaskedLM,
     _resolve_device,
     check_layer_plan,
     load_te_state_dict,
@@ -218,7 +216,7 @@ class NVAmplifyModel(NVEsmModel):
         self.encoder = NVAmplifyEncoder(config, device, dtype, fp8_weights_recipe)
 
 
-class NVAmplifyForMaskedLM(nn.Module):
+class NVAmplifyForMaskedLM(TEMaskedLM):
     """AMPLIFY masked LM on TransformerEngine; weights interchange with the public layout via ``convert_amplify``.
 
     Build with ``device="meta"`` to allocate nothing, shard (e.g. FSDP2), then ``to_empty(device="cuda")`` and
@@ -324,35 +322,10 @@ class NVAmplifyForMaskedLM(nn.Module):
         model.load_te_state_dict(te_state)
         return model
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        cu_seqlens_padded: torch.Tensor | None = None,
-        local_cu_seqlens: torch.Tensor | None = None,
-    ) -> MaskedLMOutput:
-        """Masked-LM logits (last dim = the real 27-token vocabulary) and, given labels, the float32 mean loss.
+    def backbone(self) -> nn.Module:
+        return self.amplify
 
-        Inputs as ``NVEsmForMaskedLM.forward``: bshd ``[B, S]`` ids/mask (1 = real)/labels; thd ``[1, T]`` or ``[T]``
-        ids/labels with int32 ``cu_seqlens`` on device and a Python-int ``max_seqlen``; a context-parallel shard's
-        ``cu_seqlens_padded`` and ``local_cu_seqlens``. Labels of -100 are ignored.
-        """
-        hidden = self.amplify(
-            input_ids,
-            attention_mask=attention_mask,
-            cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen,
-            cu_seqlens_padded=cu_seqlens_padded,
-            local_cu_seqlens=local_cu_seqlens,
-        )
-        with te.autocast(enabled=False):  # the head stays in BF16/FP32 whatever autocast surrounds the model
-            padded_logits = self.decoder(hidden)
-        vocab = self.config.vocab_size
-        logits = padded_logits[..., :vocab].reshape(*input_ids.shape, vocab)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-        return MaskedLMOutput(loss=loss, logits=logits)
+    def padded_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The decoder (final RMSNorm + linear) in BF16/FP32, whatever autocast surrounds the model."""
+        with te.autocast(enabled=False):
+            return self.decoder(hidden_states)

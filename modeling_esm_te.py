@@ -595,7 +595,55 @@ def load_te_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
         )
 
 
-class NVEsmForMaskedLM(nn.Module):
+class TEMaskedLM(nn.Module):
+    """The masked-LM forward both TE families share: backbone, head over the padded vocabulary, sliced logits, loss.
+
+    A family's class names its ``backbone()`` (embeddings and layers) and its ``padded_logits`` (the head).
+    """
+
+    config: Any
+
+    def backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    def padded_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        cu_seqlens_padded: torch.Tensor | None = None,
+        local_cu_seqlens: torch.Tensor | None = None,
+    ) -> MaskedLMOutput:
+        """Masked-LM logits (last dim = real vocab size) and, given labels, the mean cross-entropy in float32.
+
+        bshd: ``input_ids``/``attention_mask``/``labels`` are ``[B, S]``, mask 1 = real token.
+        thd: ``input_ids``/``labels`` are ``[1, T]`` or ``[T]``; ``cu_seqlens`` (int32, on device) has one entry per
+        sequence boundary and ends at T (a trailing padding segment is its own entry); ``max_seqlen`` is a Python int.
+        A context-parallel shard (``set_context_parallel``) also takes ``cu_seqlens_padded`` and ``local_cu_seqlens``.
+        Labels equal to -100 are ignored. Nothing here reads device values on the host.
+        """
+        hidden_states = self.backbone()(
+            input_ids,
+            attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            cu_seqlens_padded=cu_seqlens_padded,
+            local_cu_seqlens=local_cu_seqlens,
+        )
+        vocab = self.config.vocab_size
+        logits = self.padded_logits(hidden_states)[..., :vocab].reshape(*input_ids.shape, vocab)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        return MaskedLMOutput(loss=loss, logits=logits)
+
+
+class NVEsmForMaskedLM(TEMaskedLM):
     """ESM-2 masked LM on TransformerEngine; weights interchange with transformers' ``EsmForMaskedLM``.
 
     Build with ``device="meta"`` to allocate nothing, shard (e.g. FSDP2), then ``to_empty(device="cuda")`` and
@@ -687,35 +735,8 @@ class NVEsmForMaskedLM(nn.Module):
         model.load_te_state_dict(te_state)
         return model
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        cu_seqlens_padded: torch.Tensor | None = None,
-        local_cu_seqlens: torch.Tensor | None = None,
-    ) -> MaskedLMOutput:
-        """Masked-LM logits (last dim = real vocab size) and, given labels, the mean cross-entropy in float32.
+    def backbone(self) -> nn.Module:
+        return self.esm
 
-        bshd: ``input_ids``/``attention_mask``/``labels`` are ``[B, S]``, mask 1 = real token.
-        thd: ``input_ids``/``labels`` are ``[1, T]`` or ``[T]``; ``cu_seqlens`` (int32, on device) has one entry per
-        sequence boundary and ends at T (a trailing padding segment is its own entry); ``max_seqlen`` is a Python int.
-        A context-parallel shard (``set_context_parallel``) also takes ``cu_seqlens_padded`` and ``local_cu_seqlens``.
-        Labels equal to -100 are ignored. Nothing here reads device values on the host.
-        """
-        hidden_states = self.esm(
-            input_ids,
-            attention_mask=attention_mask,
-            cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen,
-            cu_seqlens_padded=cu_seqlens_padded,
-            local_cu_seqlens=local_cu_seqlens,
-        )
-        vocab = self.config.vocab_size
-        logits = self.lm_head(hidden_states)[..., :vocab].reshape(*input_ids.shape, vocab)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-        return MaskedLMOutput(loss=loss, logits=logits)
+    def padded_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
