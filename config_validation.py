@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
@@ -400,8 +401,6 @@ def _context_parallel_problems(
 
     The world size is torchrun's (WORLD_SIZE), read before the process group exists.
     """
-    import os
-
     cp_size = cfg.cp_size
     if not (_positive_int(cp_size) and cp_size > 1):
         return []
@@ -428,17 +427,15 @@ def _context_parallel_problems(
             f"{prefix} is not supported by train_{strategy.name}.py (its gradients are reduced over data-parallel "
             "ranks only, so CP ranks would train on different gradients); use train_fsdp2.py or train_ddp.py"
         )
-    for key in ("cuda_graphs", "static_shapes", "use_torch_compile"):
+    varying_shape = "every sequence is padded to a multiple of 2 x cp_size, so a shard's shape varies"
+    excluded = {
+        "cuda_graphs": varying_shape,
+        "static_shapes": varying_shape,
+        "use_torch_compile": "TE's context-parallel attention is not verified under torch.compile",
+    }
+    for key, reason in excluded.items():
         if cfg[key] is True:
-            problems.append(
-                f"{key}=true and {prefix} exclude each other: "
-                + (
-                    "TE's context-parallel attention is not verified under torch.compile"
-                    if key == "use_torch_compile"
-                    else "every sequence is padded to a multiple of 2 x cp_size, so a shard's shape varies"
-                )
-                + f"; set {key}=false"
-            )
+            problems.append(f"{key}=true and {prefix} exclude each other: {reason}; set {key}=false")
     heads = model_config.num_attention_heads
     if cfg.cp_comm_type == "a2a" and heads % cp_size:
         problems.append(

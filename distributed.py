@@ -117,12 +117,9 @@ def init_distributed(timeout_minutes: float = 30.0, cp_size: int = 1) -> Distrib
     context = DistributedContext(rank, local_rank, world_size, device, cp_size)
     logger.info("Rank %d/%d on %s (backend %s).", rank, world_size, device, backend)
     if cp_size > 1:
-        logger.info("Context parallelism: data-parallel rank %d/%d, CP rank %d/%d.", *_grid(context))
+        grid = (context.dp_rank, context.dp_size, context.cp_rank, context.cp_size)
+        logger.info("Context parallelism: data-parallel rank %d/%d, CP rank %d/%d.", *grid)
     return context
-
-
-def _grid(context: DistributedContext) -> tuple[int, int, int, int]:
-    return context.dp_rank, context.dp_size, context.cp_rank, context.cp_size
 
 
 _MESHES: dict[int, DeviceMesh] = {}  # cp_size -> the job's (dp, cp) mesh, built once per process group
