@@ -129,6 +129,34 @@ VARIANTS: dict[str, Variant] = {
     "te_thd_graphs": Variant(
         "TE THD, static shapes + CUDA graphs", True, "bf16", packed=True, overrides={"cuda_graphs": True}
     ),
+    "te_thd_graphs_te_rope": Variant(
+        "TE THD + CUDA graphs, TE's fused THD RoPE kernel instead of the recipe's",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"cuda_graphs": True, "rope_kernel": "te"},
+    ),
+    "te_thd_graphs_bias_gelu": Variant(
+        "TE THD + CUDA graphs, TE's separate bias-GELU kernels instead of the GEMM epilogue",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"cuda_graphs": True, "gelu_in_gemm": False},
+    ),
+    "te_thd_graphs_te_kernels": Variant(
+        "TE THD + CUDA graphs, TE's RoPE and bias-GELU kernels (the recipe before rope_kernel and gelu_in_gemm)",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"cuda_graphs": True, "rope_kernel": "te", "gelu_in_gemm": False},
+    ),
+    "te_thd_graphs_fp8_delayed_te_rope": Variant(
+        "TE THD + CUDA graphs + FP8 delayed scaling, TE's fused THD RoPE kernel",
+        True,
+        "fp8_delayed",
+        packed=True,
+        overrides={"cuda_graphs": True, "rope_kernel": "te"},
+    ),
     "te_thd_graphs_bf16_weights": Variant(
         "TE THD + CUDA graphs, BF16 weights and optimizer state",
         True,

@@ -22,6 +22,7 @@ from families import FAMILY_TOKENIZERS, max_positions, model_family
 from model import MASTER_WEIGHTS_HOMES, USE_TE_CHOICES
 from precision import plan_problems, precision_problems
 from quant_stats import problems as quant_stats_problems
+from rotary import ROPE_KERNELS
 from scheduler import SCHEDULE_KINDS
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("fp4_config.random_hadamard", _bool, "must be true or false"),
     ("fp4_config.two_d_weight_quantization", _bool, "must be true or false"),
     ("fp32_residual_connection", _bool, "must be true or false"),
+    ("rope_kernel", lambda v: v in ROPE_KERNELS, f"must be one of {ROPE_KERNELS}"),
+    ("gelu_in_gemm", _bool, "must be true or false"),
     ("static_shapes", _bool, "must be true or false"),
     ("cuda_graphs", _bool, "must be true or false"),
     ("cp_size", _positive_int, "must be a positive integer (1: no context parallelism)"),

@@ -180,6 +180,7 @@ def _build_masked_lm(
         "fp8_layers": plan.numbers("fp8"),
         "fp4_layers": plan.numbers("fp4"),
         "params_dtype": str(dtype).removeprefix("torch."),
+        "rope_kernel": cfg.rope_kernel,
     }
     recipe, fp4_recipe = build_fp8_recipe(cfg), build_fp4_recipe(cfg)
     fp8_weights = recipe if recipe is not None and cfg.fp8_config.quantized_model_init else None
@@ -219,7 +220,10 @@ def _te_esm(
     from modeling_esm_te import NVEsmConfig, NVEsmForMaskedLM
 
     te_config = NVEsmConfig.from_esm_config(
-        config, **te_options, fp32_residual_connection=bool(cfg.fp32_residual_connection)
+        config,
+        **te_options,
+        fp32_residual_connection=bool(cfg.fp32_residual_connection),
+        gelu_in_gemm=bool(cfg.gelu_in_gemm),
     )
     if cfg.pretrained:
         return NVEsmForMaskedLM.from_hf_checkpoint(model_directory(cfg.model_tag), config=te_config).to(device)

@@ -40,11 +40,20 @@ from modeling_esm_te import (
     TEMaskedLM,
     _resolve_device,
     check_layer_plan,
+    check_rope_kernel,
     load_te_state_dict,
 )
 
 AMPLIFY_VOCAB_PAD_MULTIPLE = 16
-TE_OPTIONS = ("attn_input_format", "fuse_qkv_params", "padded_vocab_size", "fp8_layers", "fp4_layers", "params_dtype")
+TE_OPTIONS = (
+    "attn_input_format",
+    "fuse_qkv_params",
+    "padded_vocab_size",
+    "fp8_layers",
+    "fp4_layers",
+    "params_dtype",
+    "rope_kernel",
+)
 
 
 def round_up_amplify_vocab(vocab_size: int) -> int:
@@ -57,7 +66,8 @@ class NVAmplifyConfig(AMPLIFYConfig):
 
     The options mean what they mean in ``modeling_esm_te.NVEsmConfig``: ``attn_input_format`` (``"bshd"`` or
     ``"thd"``), ``fuse_qkv_params``, ``padded_vocab_size`` (embedding/decoder rows; None: no padding),
-    ``fp8_layers``/``fp4_layers`` (1-based layer numbers) and ``params_dtype``. There is no FP32 residual option:
+    ``fp8_layers``/``fp4_layers`` (1-based layer numbers), ``params_dtype`` and ``rope_kernel``. There is no FP32
+    residual option:
     ``modeling_esm_te.EsmTransformerLayer`` adds the bias TE returns, an empty tensor when ``bias=False``.
     """
 
@@ -71,6 +81,7 @@ class NVAmplifyConfig(AMPLIFYConfig):
         fp8_layers: list[int] | None = None,
         fp4_layers: list[int] | None = None,
         params_dtype: str = "float32",
+        rope_kernel: str = "triton",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -80,6 +91,7 @@ class NVAmplifyConfig(AMPLIFYConfig):
         self.fp8_layers = fp8_layers
         self.fp4_layers = fp4_layers
         self.params_dtype = params_dtype
+        self.rope_kernel = rope_kernel
         self._validate_te_options()
 
     def _validate_te_options(self) -> None:
@@ -89,6 +101,7 @@ class NVAmplifyConfig(AMPLIFYConfig):
             raise ValueError(f"fuse_qkv_params must be a bool, got {self.fuse_qkv_params!r}")
         if self.params_dtype not in PARAMS_DTYPES:
             raise ValueError(f"params_dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}")
+        check_rope_kernel(self.rope_kernel)
         rows = self.padded_vocab_size
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < self.vocab_size):
             raise ValueError(

@@ -46,11 +46,14 @@ from convert import (
     te_vocab_rows,
 )
 from initialization import NOT_AN_EMBEDDING, embedding_paddings, init_parameter_
+from rotary import ROPE_KERNELS, PackedRotary, packed_rotary, route_te_rope
 
 # ESM-2 masked 15% of tokens and replaced 80% of those with <mask>; token dropout rescales embeddings by this ratio.
 MASK_RATIO_TRAIN = 0.15 * 0.8
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_INPUT_FORMATS = ("bshd", "thd")
+
+route_te_rope()  # layers given a rotary.PackedRotary run the recipe's packed RoPE kernel, others TE's
 
 
 def check_layer_plan(num_layers: int, fp8_layers: list[int] | None, fp4_layers: list[int] | None) -> None:
@@ -64,6 +67,11 @@ def check_layer_plan(num_layers: int, fp8_layers: list[int] | None, fp4_layers: 
             raise ValueError(f"{key} lists a layer more than once: {layers}")
     if fp8_layers is not None and fp4_layers is not None and set(fp8_layers) & set(fp4_layers):
         raise ValueError(f"fp8_layers {fp8_layers} and fp4_layers {fp4_layers} share layers")
+
+
+def check_rope_kernel(rope_kernel: str) -> None:
+    if rope_kernel not in ROPE_KERNELS:
+        raise ValueError(f"rope_kernel must be one of {ROPE_KERNELS}, got {rope_kernel!r}")
 
 
 class NVEsmConfig(EsmConfig):
@@ -83,6 +91,12 @@ class NVEsmConfig(EsmConfig):
             compute in BF16, as transformers' ESM does under ``torch.autocast``. ``te.TransformerLayer`` otherwise
             casts it to the compute dtype, which rounds every residual add to BF16: the gradients then drift further
             from FP32 (measured at 650M in tests/test_modeling_te_gpu.py), at a small cost in speed and memory.
+        rope_kernel: RoPE of packed (thd) batches: ``"triton"`` (``rotary.py``: positions computed once per batch,
+            one tiled kernel per tensor) or ``"te"`` (TE's fused THD kernel). Padded batches and context parallelism
+            always use TE's.
+        gelu_in_gemm: in BF16, compute the MLP's bias + GELU in the FC1 GEMM's cuBLAS epilogue and its gradient in
+            the FC2 data-gradient GEMM's, instead of TE's separate compiled bias-GELU kernels (TE's default while
+            ``use_reentrant`` recompute is on). FP8 layers are unaffected (TE fuses GELU with the cast there).
 
     """
 
@@ -95,6 +109,8 @@ class NVEsmConfig(EsmConfig):
     fp4_layers: list[int] | None = None
     params_dtype: str = "float32"
     fp32_residual_connection: bool = False
+    rope_kernel: str = "triton"
+    gelu_in_gemm: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -103,9 +119,10 @@ class NVEsmConfig(EsmConfig):
     def _validate_te_options(self) -> None:
         if self.attn_input_format not in ATTN_INPUT_FORMATS:
             raise ValueError(f"attn_input_format must be one of {ATTN_INPUT_FORMATS}, got {self.attn_input_format!r}")
-        for flag in ("fuse_qkv_params", "fp32_residual_connection"):
+        for flag in ("fuse_qkv_params", "fp32_residual_connection", "gelu_in_gemm"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        check_rope_kernel(self.rope_kernel)
         if self.params_dtype not in PARAMS_DTYPES:
             raise ValueError(f"params_dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}")
         if self.padded_vocab_size is not None:
@@ -270,24 +287,29 @@ class EsmTransformerLayer(te.TransformerLayer):
 class StaticShapeLayer(nn.Module):
     """A transformer layer called with tensors only, as CUDA-graph capture needs.
 
-    Its inputs are the packed hidden states, the rotary table and ``cu_seqlens``; the fixed ``max_seqlen`` of static
-    batches is an attribute.
+    Its inputs are the packed hidden states, ``cu_seqlens`` and the rotary tensors: TE's frequency table, or the
+    three tensors of a ``rotary.PackedRotary``. The fixed ``max_seqlen`` of static batches is an attribute.
     """
 
     def __init__(self, layer: nn.Module, max_seqlen: int) -> None:
         super().__init__()
         self.layer, self.max_seqlen = layer, max_seqlen
 
-    def forward(self, hidden_states: torch.Tensor, rotary: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, *rotary: torch.Tensor) -> torch.Tensor:
         return self.layer(
             hidden_states,
             attention_mask=None,
-            rotary_pos_emb=rotary,
+            rotary_pos_emb=rotary[0] if len(rotary) == 1 else PackedRotary(*rotary),
             cu_seqlens_q=cu_seqlens,
             cu_seqlens_kv=cu_seqlens,
             max_seqlen_q=self.max_seqlen,
             max_seqlen_kv=self.max_seqlen,
         )
+
+
+def rotary_tensors(rotary: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors a ``StaticShapeLayer`` takes for a layer's ``rotary_pos_emb``."""
+    return rotary.tensors() if isinstance(rotary, PackedRotary) else (rotary,)
 
 
 class NVEsmEncoder(nn.Module):
@@ -324,7 +346,7 @@ class NVEsmEncoder(nn.Module):
         in_fp8 = layer_number not in self.fp4_layers and (self.fp8_layers is None or layer_number in self.fp8_layers)
         quantized = fp8_weights_recipe is not None and in_fp8
         with te.quantized_model_init(enabled=quantized, recipe=fp8_weights_recipe):
-            return EsmTransformerLayer(
+            layer = EsmTransformerLayer(
                 fp32_residual_connection=config.fp32_residual_connection,
                 hidden_size=config.hidden_size,
                 ffn_hidden_size=config.intermediate_size,
@@ -345,6 +367,8 @@ class NVEsmEncoder(nn.Module):
                 params_dtype=dtype,
                 device=te_device,
             )
+        layer.layernorm_mlp.bias_gelu_nvfusion = not config.gelu_in_gemm  # TE reads it in every BF16 forward
+        return layer
 
     @property
     def outer_recipe(self) -> Any:
@@ -375,8 +399,8 @@ class NVEsmEncoder(nn.Module):
     def make_cuda_graphs(self, sample_args: tuple[tuple[torch.Tensor, ...], ...], max_seqlen: int) -> None:
         """Capture each layer's training forward and backward in CUDA graphs (TE's ``make_graphed_callables``).
 
-        ``sample_args`` holds (input, rotary table, cu_seqlens) per layer. Training forwards of packed batches shaped
-        like them then replay the graphs, FP8 scaling state included; eval-mode forwards run the layers eagerly.
+        ``sample_args`` holds (input, cu_seqlens, rotary tensors...) per layer. Training forwards of packed batches
+        shaped like them then replay the graphs, FP8 scaling state included; eval-mode forwards run the layers eagerly.
         Parameters must not be replaced afterwards.
         """
         graphed = [StaticShapeLayer(layer, max_seqlen) for layer in self.layers]
@@ -407,8 +431,8 @@ class NVEsmEncoder(nn.Module):
                     if graphed is None:
                         hidden_states = layer(hidden_states, **layer_kwargs)
                     else:
-                        rotary, cu_seqlens = layer_kwargs["rotary_pos_emb"], layer_kwargs["cu_seqlens_q"]
-                        hidden_states = graphed[index](hidden_states, rotary, cu_seqlens)
+                        rotary = rotary_tensors(layer_kwargs["rotary_pos_emb"])
+                        hidden_states = graphed[index](hidden_states, layer_kwargs["cu_seqlens_q"], *rotary)
         return hidden_states
 
 
@@ -457,7 +481,7 @@ class NVEsmModel(nn.Module):
         cu_seqlens = torch.full((segments + 1,), tokens, dtype=torch.int32)
         cu_seqlens[: len(bounds)] = bounds
         cu_seqlens = cu_seqlens.to(weight.device)
-        rotary = self.rotary_embeddings(max_seqlen)
+        rotary = rotary_tensors(self.packed_rotary(cu_seqlens, tokens, max_seqlen))
         # What each layer is given in training: the embeddings' output, then the previous layer's (the compute dtype,
         # or FP32 with an FP32 residual stream, an ESM-2-only option).
         fp32_residual = getattr(self.config, "fp32_residual_connection", False)
@@ -466,14 +490,20 @@ class NVEsmModel(nn.Module):
         sample_args = tuple(
             (
                 torch.randn(tokens, self.config.hidden_size, device=weight.device, dtype=dtype, requires_grad=True),
-                rotary,
                 cu_seqlens,
+                *rotary,
             )
             for dtype in dtypes
         )
         context = torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False) if autocast_dtype else nullcontext()
         with context:
             self.encoder.make_cuda_graphs(sample_args, max_seqlen)
+
+    def packed_rotary(self, cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int) -> Any:
+        """The layers' ``rotary_pos_emb`` for a packed batch: per ``config.rope_kernel``, the recipe's or TE's."""
+        if self.config.rope_kernel == "te":
+            return self.rotary_embeddings(max_seqlen)
+        return packed_rotary(self.rotary_embeddings.inv_freq, cu_seqlens, tokens, max_seqlen)
 
     def set_context_parallel(
         self, cp_group: Any, cp_global_ranks: list[int], cp_stream: torch.cuda.Stream, cp_comm_type: str = "p2p"
@@ -552,9 +582,13 @@ class NVEsmModel(nn.Module):
         hidden_states = self.embeddings(input_ids.reshape(-1), cu_seqlens=cu_seqlens, local_cu_seqlens=local_cu_seqlens)
         layer_kwargs = {
             "attention_mask": None,
-            # The table covers the whole padded sequence: under CP TE's fused RoPE reads each chunk's rows at its
-            # true offsets, from cu_seqlens_padded and the CP rank.
-            "rotary_pos_emb": self.rotary_embeddings(max_seqlen),
+            # Under CP, TE's fused RoPE reads each chunk's rows of the whole sequence's table at its true offsets,
+            # from cu_seqlens_padded and the CP rank.
+            "rotary_pos_emb": (
+                self.rotary_embeddings(max_seqlen)
+                if sharded
+                else self.packed_rotary(cu_seqlens, hidden_states.shape[0], max_seqlen)
+            ),
             "cu_seqlens_q": cu_seqlens,
             "cu_seqlens_kv": cu_seqlens,
             "max_seqlen_q": max_seqlen,

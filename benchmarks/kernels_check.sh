@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One GPU: the recipe's RoPE kernel and the GELU-in-GEMM option against the TE kernels they replace.
+#   PARTS="tests rope bench650" OUT=/tmp/out bash benchmarks/kernels_check.sh
+# tests:    tests/test_rotary_gpu.py and the packed-batch checks of tests/test_modeling_te_gpu.py (metrics as JSON lines)
+# rope:     benchmarks/rope_kernels.py (kernel times, graph-replayed, interleaved repeats)
+# bench650: benchmark.py, 650M at 16k tokens, graphs, BF16: recipe kernels vs TE's RoPE, TE's bias-GELU, both TE's
+# fp8650:   the same for FP8 delayed scaling (recipe's RoPE vs TE's), and BF16 with BF16 weights
+# amplify:  benchmark.py, AMPLIFY 350M at 16k and 32k tokens: reference padded to 512 vs TE THD graphs (+FP8)
+# bench3b:  benchmark.py, 3B at 16k tokens, graphs, BF16 weights: recipe kernels vs TE's
+# graphs:   CUDA-graphed vs eager per-step losses (benchmarks/cuda_graphs_check.sh, 35M, 50 steps, BF16 + FP8 delayed)
+# Everything lands in $OUT/results.tgz; $OUT/summary.txt holds the tables.
+set -u
+OUT=${OUT:?set OUT to a folder for the results}
+PARTS=${PARTS:-tests rope bench650}
+REPEATS=${REPEATS:-3}
+WORK=/tmp/kernels_check
+mkdir -p "$WORK" "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+summary="$OUT/summary.txt"
+bench() {  # name, then benchmark.py overrides
+  local name=$1
+  shift
+  timeout 560 python3 benchmark.py --config-name benchmark benchmark.readme=null "benchmark.output_dir=$WORK/$name" \
+    benchmark.warmup_steps=30 benchmark.timed_steps=30 "benchmark.repeats=$REPEATS" "$@" > "$WORK/$name.log" 2>&1
+  echo "== $name rc=$?" >> "$summary"
+  cat "$WORK/$name"/*.md >> "$summary" 2>/dev/null || tail -20 "$WORK/$name.log" >> "$summary"
+}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv >> "$summary"
+for part in $PARTS; do
+  start=$SECONDS
+  case $part in
+    tests)
+      GPU_METRICS_FILE="$WORK/gpu_metrics.jsonl" timeout 400 python3 -m pytest -q -s -p no:cacheprovider \
+        tests/test_rotary_gpu.py tests/test_modeling_te_gpu.py -k "rotary or rope or gelu or thd or sync" \
+        > "$WORK/tests.log" 2>&1
+      echo "== tests rc=$?" >> "$summary"
+      tail -3 "$WORK/tests.log" >> "$summary"
+      cat "$WORK/gpu_metrics.jsonl" >> "$summary" 2>/dev/null ;;
+    rope)
+      timeout 200 python3 benchmarks/rope_kernels.py --out "$WORK/rope_kernels.json" > "$WORK/rope.log" 2>&1
+      echo "== rope rc=$?" >> "$summary"
+      grep -v -i warn "$WORK/rope.log" | tail -12 >> "$summary" ;;
+    bench650)
+      bench bench650 "benchmark.models=[esm2_t33_650M_UR50D]" \
+        "benchmark.variants=[te_thd_graphs,te_thd_graphs_te_rope,te_thd_graphs_bias_gelu,te_thd_graphs_te_kernels]" ;;
+    fp8650)
+      bench fp8650 "benchmark.models=[esm2_t33_650M_UR50D]" \
+        "benchmark.variants=[te_thd_graphs_fp8_delayed,te_thd_graphs_fp8_delayed_te_rope,te_thd_graphs_bf16_weights]" ;;
+    amplify)
+      bench amplify "benchmark.models=[amplify_350M]" tokenizer=tokenizers/amplify dataset.max_seq_length=512 \
+        "benchmark.variants=[hf_pad1024,te_thd_graphs,te_thd_graphs_te_rope,te_thd_graphs_fp8_delayed]" \
+        "benchmark.token_budgets=[16384,32768]" ;;
+    bench3b)
+      bench bench3b "benchmark.models=[esm2_t36_3B_UR50D]" use_fp32_master_weights=false \
+        "benchmark.variants=[te_thd_graphs,te_thd_graphs_te_kernels]" ;;
+    graphs)
+      OUT="$WORK/graphs" PRECISIONS="bf16 fp8_delayed" MODES="static graphs" STEPS=50 \
+        timeout 400 bash benchmarks/cuda_graphs_check.sh > "$WORK/graphs.log" 2>&1
+      echo "== graphs rc=$?" >> "$summary"
+      tail -12 "$WORK/graphs.log" >> "$summary" ;;
+  esac
+  echo "   ($part took $((SECONDS - start)) s)" >> "$summary"
+done
+tar -czf "$OUT/results.tgz" -C "$WORK" .
+cat "$summary"
