@@ -72,24 +72,34 @@ def test_kernel_matches_te_fused_thd_rope(te_esm, interleaved: bool, dtype: torc
             assert equal > 0.99, f"{name}: only {equal:.4f} of the elements are bit-equal to TE's"
 
 
+def step_outputs(model: torch.nn.Module, batch: dict, autocast: bool) -> dict[str, torch.Tensor | float]:
+    """Logits, loss and all parameter gradients of one training forward and backward."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model.train()(**batch)
+    out.loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    return {"logits": out.logits.float(), "loss": out.loss.item(), "grads": grads}
+
+
+def differences(actual: dict, expected: dict) -> dict[str, float]:
+    return {
+        "logits_rel_l2": rel_l2(actual["logits"], expected["logits"]),
+        "loss_rel": abs(actual["loss"] - expected["loss"]) / expected["loss"],
+        "grads_rel_l2": rel_l2(actual["grads"], expected["grads"]),
+    }
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_model_with_either_rope_kernel(te_esm, packed_batch, autocast: bool) -> None:
     """One packed batch through the same weights with rope_kernel=triton and =te: logits, loss and gradients."""
     hf_model = random_hf_model(SMALL)
-    outputs = {}
-    for kernel in ("te", "triton"):
-        model = te_twin(te_esm, hf_model, attn_input_format="thd", rope_kernel=kernel).train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = model(**packed_batch)
-        out.loss.backward()
-        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-        outputs[kernel] = (out.logits.float(), out.loss.item(), grads)
-    (logits_te, loss_te, grads_te), (logits, loss, grads) = outputs["te"], outputs["triton"]
-    metrics = {
-        "logits_rel_l2": rel_l2(logits, logits_te),
-        "loss_rel": abs(loss - loss_te) / loss_te,
-        "grads_rel_l2": rel_l2(grads, grads_te),
+    outputs = {
+        kernel: step_outputs(
+            te_twin(te_esm, hf_model, attn_input_format="thd", rope_kernel=kernel), packed_batch, autocast
+        )
+        for kernel in ("te", "triton")
     }
+    metrics = differences(outputs["triton"], outputs["te"])
     record(f"rope_kernel_model[{'bf16' if autocast else 'fp32'}]", **metrics)
     bound = 1e-2 if autocast else 1e-4
     assert metrics["logits_rel_l2"] < bound and metrics["loss_rel"] < bound / 10 and metrics["grads_rel_l2"] < bound
@@ -100,18 +110,9 @@ def test_gelu_in_gemm_matches_separate_bias_gelu(te_esm, packed_batch) -> None:
     hf_model = random_hf_model(SMALL)
     outputs = {}
     for fused in (False, True):
-        model = te_twin(te_esm, hf_model, attn_input_format="thd", gelu_in_gemm=fused).train()
+        model = te_twin(te_esm, hf_model, attn_input_format="thd", gelu_in_gemm=fused)
         assert all(layer.layernorm_mlp.bias_gelu_nvfusion is not fused for layer in model.esm.encoder.layers)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**packed_batch)
-        out.loss.backward()
-        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-        outputs[fused] = (out.logits.float(), out.loss.item(), grads)
-    (logits_sep, loss_sep, grads_sep), (logits, loss, grads) = outputs[False], outputs[True]
-    metrics = {
-        "logits_rel_l2": rel_l2(logits, logits_sep),
-        "loss_rel": abs(loss - loss_sep) / loss_sep,
-        "grads_rel_l2": rel_l2(grads, grads_sep),
-    }
+        outputs[fused] = step_outputs(model, packed_batch, autocast=True)
+    metrics = differences(outputs[True], outputs[False])
     record("gelu_in_gemm_vs_bias_gelu[bf16]", **metrics)
     assert metrics["logits_rel_l2"] < 1e-2 and metrics["loss_rel"] < 1e-3 and metrics["grads_rel_l2"] < 2e-2
