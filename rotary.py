@@ -158,21 +158,29 @@ if triton is not None:
         sin = tl.load(sin_ptr + angle, mask=angle_mask, other=0.0)[:, None, :]
         if INVERSE:
             sin = -sin
-        if INTERLEAVED:
-            first = 2 * j
-            second = 2 * j + 1
-        else:
-            first = j
-            second = j + HALF
-        mask = t_ok[:, None, None] & (h < heads)[None, :, None] & (j < HALF)[None, None, :]
         t64 = t.to(tl.int64)[:, None, None]
         x_rows = x_ptr + t64 * x_stride_t + h[None, :, None] * x_stride_h
         out_rows = out_ptr + t64 * out_stride_t + h[None, :, None] * out_stride_h
-        x1 = tl.load(x_rows + first[None, None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_rows + second[None, None, :], mask=mask, other=0.0).to(tl.float32)
         out_dtype = out_ptr.dtype.element_ty
-        tl.store(out_rows + first[None, None, :], (x1 * cos - x2 * sin).to(out_dtype), mask=mask)
-        tl.store(out_rows + second[None, None, :], (x2 * cos + x1 * sin).to(out_dtype), mask=mask)
+        if INTERLEAVED:
+            # Whole rows in one contiguous load, split into (even, odd) pairs in registers: strided loads of every
+            # other element ran 5x slower than TE's kernel.
+            d = tl.arange(0, 2 * BLOCK_D)
+            mask = t_ok[:, None, None] & (h < heads)[None, :, None] & (d < 2 * HALF)[None, None, :]
+            x = tl.load(x_rows + d[None, None, :], mask=mask, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, BLOCK_D, 2)))
+            out = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+            tl.store(
+                out_rows + d[None, None, :], tl.reshape(out, (BLOCK_T, BLOCK_H, 2 * BLOCK_D)).to(out_dtype), mask=mask
+            )
+        else:
+            mask = t_ok[:, None, None] & (h < heads)[None, :, None] & (j < HALF)[None, None, :]
+            first = j[None, None, :]
+            second = first + HALF
+            x1 = tl.load(x_rows + first, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_rows + second, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_rows + first, (x1 * cos - x2 * sin).to(out_dtype), mask=mask)
+            tl.store(out_rows + second, (x2 * cos + x1 * sin).to(out_dtype), mask=mask)
 
 
 # Elements of one half that a program rotates: 4 tokens of 20 heads x 32 pairs (ESM-2 650M) keep 4 warps busy

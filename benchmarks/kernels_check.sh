@@ -50,8 +50,10 @@ for part in $PARTS; do
         "benchmark.variants=[te_thd_graphs_fp8_delayed,te_thd_graphs_fp8_delayed_te_rope,te_thd_graphs_bf16_weights]" ;;
     amplify)
       bench amplify "benchmark.models=[amplify_350M]" tokenizer=tokenizers/amplify dataset.max_seq_length=512 \
-        "benchmark.variants=[hf_pad1024,te_thd_graphs,te_thd_graphs_te_rope,te_thd_graphs_fp8_delayed]" \
-        "benchmark.token_budgets=[16384,32768]" ;;
+        "benchmark.variants=[${AMPLIFY_VARIANTS:-hf_pad1024,te_thd_graphs,te_thd_graphs_te_rope}]" \
+        "benchmark.token_budgets=[${AMPLIFY_BUDGETS:-16384}]" ;;
+    both650)  # all of the recipe's kernels against all of TE's, two sessions (fits an 80 GB card)
+      bench both650 "benchmark.models=[esm2_t33_650M_UR50D]" "benchmark.variants=[te_thd_graphs,te_thd_graphs_te_kernels]" ;;
     bench3b)
       bench bench3b "benchmark.models=[esm2_t36_3B_UR50D]" use_fp32_master_weights=false \
         "benchmark.variants=[te_thd_graphs,te_thd_graphs_te_kernels]" ;;

