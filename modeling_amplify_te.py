@@ -40,9 +40,9 @@ from modeling_esm_te import (
     TEMaskedLM,
     _resolve_device,
     check_layer_plan,
-    check_rope_kernel,
     load_te_state_dict,
 )
+from rotary import check_rope_kernel
 
 AMPLIFY_VOCAB_PAD_MULTIPLE = 16
 TE_OPTIONS = (
@@ -67,8 +67,8 @@ class NVAmplifyConfig(AMPLIFYConfig):
     The options mean what they mean in ``modeling_esm_te.NVEsmConfig``: ``attn_input_format`` (``"bshd"`` or
     ``"thd"``), ``fuse_qkv_params``, ``padded_vocab_size`` (embedding/decoder rows; None: no padding),
     ``fp8_layers``/``fp4_layers`` (1-based layer numbers), ``params_dtype`` and ``rope_kernel``. There is no FP32
-    residual option:
-    ``modeling_esm_te.EsmTransformerLayer`` adds the bias TE returns, an empty tensor when ``bias=False``.
+    residual option: ``modeling_esm_te.EsmTransformerLayer`` adds the bias TE returns, an empty tensor when
+    ``bias=False``.
     """
 
     model_type = "nv_amplify"

@@ -46,7 +46,7 @@ from convert import (
     te_vocab_rows,
 )
 from initialization import NOT_AN_EMBEDDING, embedding_paddings, init_parameter_
-from rotary import ROPE_KERNELS, PackedRotary, packed_rotary, route_te_rope
+from rotary import PackedRotary, check_rope_kernel, packed_rotary, route_te_rope
 
 # ESM-2 masked 15% of tokens and replaced 80% of those with <mask>; token dropout rescales embeddings by this ratio.
 MASK_RATIO_TRAIN = 0.15 * 0.8
@@ -67,11 +67,6 @@ def check_layer_plan(num_layers: int, fp8_layers: list[int] | None, fp4_layers: 
             raise ValueError(f"{key} lists a layer more than once: {layers}")
     if fp8_layers is not None and fp4_layers is not None and set(fp8_layers) & set(fp4_layers):
         raise ValueError(f"fp8_layers {fp8_layers} and fp4_layers {fp4_layers} share layers")
-
-
-def check_rope_kernel(rope_kernel: str) -> None:
-    if rope_kernel not in ROPE_KERNELS:
-        raise ValueError(f"rope_kernel must be one of {ROPE_KERNELS}, got {rope_kernel!r}")
 
 
 class NVEsmConfig(EsmConfig):

@@ -26,6 +26,12 @@ except ImportError:  # CPU-only installs: the torch path below serves
 ROPE_KERNELS = ("triton", "te")  # a TE model's choice for packed batches: this module's kernel, or TE's
 
 
+def check_rope_kernel(rope_kernel: str) -> None:
+    """Refuse a ``rope_kernel`` that is not one of ``ROPE_KERNELS``."""
+    if rope_kernel not in ROPE_KERNELS:
+        raise ValueError(f"rope_kernel must be one of {ROPE_KERNELS}, got {rope_kernel!r}")
+
+
 @dataclass(frozen=True)
 class PackedRotary:
     """The ``rotary_pos_emb`` that routes a packed batch's RoPE to this module.

@@ -25,6 +25,8 @@ def validate(cfg, use_te=False, strategy=train_fsdp2.STRATEGY):
         ("optimizer.lr=0", "optimizer.lr=0: must be positive"),
         ("use_te=maybe", "use_te='maybe'"),
         ("fp32_residual_connection=yes", "fp32_residual_connection='yes': must be true or false"),
+        ("rope_kernel=cuda", "rope_kernel='cuda': must be one of ('triton', 'te')"),
+        ("gelu_in_gemm=sometimes", "gelu_in_gemm='sometimes': must be true or false"),
     ],
 )
 def test_bad_values_are_reported_clearly(override, message):
