@@ -4,8 +4,11 @@
 # tests:    tests/test_rotary_gpu.py and the packed-batch checks of tests/test_modeling_te_gpu.py (metrics as JSON lines)
 # rope:     benchmarks/rope_kernels.py (kernel times, graph-replayed, interleaved repeats)
 # bench650: benchmark.py, 650M at 16k tokens, graphs, BF16: recipe kernels vs TE's RoPE, TE's bias-GELU, both TE's
+#           (three sessions on an 80 GB card: the GELU-only one is left out)
+# both650:  the same, recipe kernels vs both of TE's only (two sessions)
 # fp8650:   the same for FP8 delayed scaling (recipe's RoPE vs TE's), and BF16 with BF16 weights
-# amplify:  benchmark.py, AMPLIFY 350M at 16k and 32k tokens: reference padded to 512 vs TE THD graphs (+FP8)
+# amplify:  benchmark.py, AMPLIFY 350M: reference padded to 512, TE THD graphs with the recipe's and TE's RoPE
+#           (AMPLIFY_VARIANTS and AMPLIFY_BUDGETS override the variants and the token budgets, default 16k)
 # bench3b:  benchmark.py, 3B at 16k tokens, graphs, BF16 weights: recipe kernels vs TE's
 # graphs:   CUDA-graphed vs eager per-step losses (benchmarks/cuda_graphs_check.sh, 35M, 50 steps, BF16 + FP8 delayed)
 # Everything lands in $OUT/results.tgz; $OUT/summary.txt holds the tables.
