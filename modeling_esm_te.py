@@ -495,8 +495,12 @@ class NVEsmModel(nn.Module):
             self.encoder.make_cuda_graphs(sample_args, max_seqlen)
 
     def packed_rotary(self, cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int) -> Any:
-        """The layers' ``rotary_pos_emb`` for a packed batch: per ``config.rope_kernel``, the recipe's or TE's."""
-        if self.config.rope_kernel == "te":
+        """The layers' ``rotary_pos_emb`` for a packed batch: per ``config.rope_kernel``, the recipe's or TE's.
+
+        Under context parallelism always TE's table: its fused RoPE reads each chunk's rows of the whole sequence's
+        table at their true offsets, from ``cu_seqlens_padded`` and the CP rank.
+        """
+        if self.config.rope_kernel == "te" or self.cp_size > 1:
             return self.rotary_embeddings(max_seqlen)
         return packed_rotary(self.rotary_embeddings.inv_freq, cu_seqlens, tokens, max_seqlen)
 
@@ -577,13 +581,7 @@ class NVEsmModel(nn.Module):
         hidden_states = self.embeddings(input_ids.reshape(-1), cu_seqlens=cu_seqlens, local_cu_seqlens=local_cu_seqlens)
         layer_kwargs = {
             "attention_mask": None,
-            # Under CP, TE's fused RoPE reads each chunk's rows of the whole sequence's table at its true offsets,
-            # from cu_seqlens_padded and the CP rank.
-            "rotary_pos_emb": (
-                self.rotary_embeddings(max_seqlen)
-                if sharded
-                else self.packed_rotary(cu_seqlens, hidden_states.shape[0], max_seqlen)
-            ),
+            "rotary_pos_emb": self.packed_rotary(cu_seqlens, hidden_states.shape[0], max_seqlen),
             "cu_seqlens_q": cu_seqlens,
             "cu_seqlens_kv": cu_seqlens,
             "max_seqlen_q": max_seqlen,
