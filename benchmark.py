@@ -157,6 +157,20 @@ VARIANTS: dict[str, Variant] = {
         packed=True,
         overrides={"cuda_graphs": True, "rope_kernel": "te"},
     ),
+    "te_thd_graphs_cudnn_norm": Variant(
+        "TE THD + CUDA graphs, cuDNN's LayerNorm kernels",
+        True,
+        "bf16",
+        packed=True,
+        overrides={"cuda_graphs": True, "norm_kernel": "cudnn"},
+    ),
+    "te_thd_graphs_fp8_delayed_cudnn_norm": Variant(
+        "TE THD + CUDA graphs + FP8 delayed scaling, cuDNN's LayerNorm kernels",
+        True,
+        "fp8_delayed",
+        packed=True,
+        overrides={"cuda_graphs": True, "norm_kernel": "cudnn"},
+    ),
     "te_thd_graphs_bf16_weights": Variant(
         "TE THD + CUDA graphs, BF16 weights and optimizer state",
         True,
@@ -236,6 +250,52 @@ class Plan:
         return self.warmup + (self.repeats + self.busy_fraction) * self.timed
 
 
+@dataclass(frozen=True)
+class Group:
+    """Variants measured together, interleaved: all alive in GPU memory at once, on one model and token budget."""
+
+    model_tag: str
+    token_budget: int
+    variants: tuple[str, ...]
+
+
+GROUP_KEYS = ("model", "variants", "token_budgets")
+
+
+def group_problems(bench: DictConfig, seq: int) -> list[str]:
+    """What is wrong with `benchmark.groups` (a list of {model, variants, token_budgets?}), in words to act on."""
+    if bench.get("groups") is None:
+        return []
+    problems = []
+    for index, entry in enumerate(bench.groups):
+        where = f"benchmark.groups[{index}]"
+        if not isinstance(entry, Mapping) or not entry.get("model") or not entry.get("variants"):
+            problems.append(f"{where} must give a model and its variants, e.g. {{model: esm2_t33_650M_UR50D, "
+                            "variants: [te_thd_graphs], token_budgets: [16384]}}")  # fmt: skip
+            continue
+        if unknown := sorted(set(entry) - set(GROUP_KEYS)):
+            problems.append(f"{where}: unknown keys {unknown} (known: {', '.join(GROUP_KEYS)})")
+        budgets = list(entry.get("token_budgets") or bench.token_budgets or [])
+        if not bench.one_sequence_per_step and (small := [b for b in budgets if int(b) < seq]):
+            problems.append(f"{where}.token_budgets {small} must each be >= dataset.max_seq_length ({seq})")
+        if len(set(entry.variants)) < len(entry.variants):
+            problems.append(f"{where}.variants must not list an entry twice")
+    return problems
+
+
+def benchmark_groups(cfg: DictConfig, plan: Plan) -> tuple[Group, ...]:
+    """What runs, in order: `benchmark.groups` as given, else every model at every budget with all the variants."""
+    bench = cfg.benchmark
+    if bench.get("groups") is None:
+        variants = tuple(bench.variants)
+        return tuple(Group(model, budget, variants) for model in bench.models for budget in plan.token_budgets)
+    return tuple(
+        Group(str(entry.model), int(budget), tuple(entry.variants))
+        for entry in bench.groups
+        for budget in (entry.get("token_budgets") or plan.token_budgets)
+    )
+
+
 def benchmark_plan(cfg: DictConfig) -> Plan:
     """The checked benchmark settings; every problem in one ValueError, before any data is read or model built."""
     bench, seq = cfg.benchmark, int(cfg.dataset.max_seq_length)
@@ -257,6 +317,7 @@ def benchmark_plan(cfg: DictConfig) -> Plan:
         problems.append("benchmark.token_budgets and benchmark.variants must not list an entry twice")
     if bench.strategy not in STRATEGIES:
         problems.append(f"benchmark.strategy={bench.strategy!r} must be one of {tuple(STRATEGIES)}")
+    problems += group_problems(bench, seq)
     if problems:
         raise ValueError("Invalid benchmark settings:\n  " + "\n  ".join(problems))
     rounded = max(1, math.ceil(warmup / timed)) * timed  # the window's only log sync is then its last step
@@ -676,11 +737,12 @@ def trace_window(sessions: dict[str, Session], row: dict[str, Any], plan: Plan, 
     row["busy_fraction"], row["traced_tokens_per_s"] = window["busy_fraction"], window["tokens_per_s"]
 
 
-def measure_group(cfg: DictConfig, model_tag: str, budget: int, plan: Plan, report: dict, save: Callable) -> None:
+def measure_group(cfg: DictConfig, group: Group, plan: Plan, report: dict, save: Callable) -> None:
     """One (model, token budget): build and warm up every variant, interleave their timed windows, then free them."""
+    model_tag, budget = group.model_tag, group.token_budget
     sessions: dict[str, Session] = {}
     rows: dict[str, dict[str, Any]] = {}
-    for name in cfg.benchmark.variants:
+    for name in group.variants:
         rows[name], session = start_variant(cfg, model_tag, budget, name, plan)
         report["rows"].append(rows[name])
         if session is None:
@@ -1056,7 +1118,7 @@ def report_meta(cfg: DictConfig, plan: Plan, device: torch.device) -> dict[str, 
         "ceilings_tflops": ceilings,
         "dense_ceiling": "bf16" if device.type == "cuda" else "fp32",
         "dataset": str(cfg.dataset.path),
-        "token_budgets": list(plan.token_budgets),
+        "token_budgets": sorted({group.token_budget for group in benchmark_groups(cfg, plan)}),
         "max_seq_length": int(cfg.dataset.max_seq_length),
         "one_sequence_per_step": bool(cfg.benchmark.one_sequence_per_step),
         "warmup_steps": plan.warmup,
@@ -1091,9 +1153,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         stem.with_suffix(".json").write_text(dumps(report) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))
 
-    for model_tag in cfg.benchmark.models:
-        for budget in plan.token_budgets:
-            measure_group(cfg, model_tag, budget, plan, report, save)
+    for group in benchmark_groups(cfg, plan):
+        measure_group(cfg, group, plan, report, save)
     save()
     chart(report, stem)
     if cfg.benchmark.get("readme") and device.type == "cuda":

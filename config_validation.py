@@ -20,6 +20,7 @@ from activation_checkpointing import checkpoint_problems
 from dataset import SUPPORTED_FORMATS, resolve_path
 from families import FAMILY_TOKENIZERS, max_positions, model_family
 from model import MASTER_WEIGHTS_HOMES, USE_TE_CHOICES
+from norm_kernel import NORM_KERNELS
 from precision import plan_problems, precision_problems
 from quant_stats import problems as quant_stats_problems
 from rotary import ROPE_KERNELS
@@ -148,6 +149,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("fp32_residual_connection", _bool, "must be true or false"),
     ("rope_kernel", lambda v: v in ROPE_KERNELS, f"must be one of {ROPE_KERNELS}"),
     ("gelu_in_gemm", _bool, "must be true or false"),
+    ("norm_kernel", lambda v: v in NORM_KERNELS, f"must be one of {NORM_KERNELS}"),
     ("static_shapes", _bool, "must be true or false"),
     ("cuda_graphs", _bool, "must be true or false"),
     ("cp_size", _positive_int, "must be a positive integer (1: no context parallelism)"),

@@ -181,6 +181,7 @@ def _build_masked_lm(
         "fp4_layers": plan.numbers("fp4"),
         "params_dtype": str(dtype).removeprefix("torch."),
         "rope_kernel": cfg.rope_kernel,
+        "norm_kernel": cfg.norm_kernel,
     }
     recipe, fp4_recipe = build_fp8_recipe(cfg), build_fp4_recipe(cfg)
     fp8_weights = recipe if recipe is not None and cfg.fp8_config.quantized_model_init else None

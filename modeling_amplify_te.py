@@ -42,6 +42,7 @@ from modeling_esm_te import (
     check_layer_plan,
     load_te_state_dict,
 )
+from norm_kernel import check_norm_kernel
 from rotary import check_rope_kernel
 
 AMPLIFY_VOCAB_PAD_MULTIPLE = 16
@@ -53,6 +54,7 @@ TE_OPTIONS = (
     "fp4_layers",
     "params_dtype",
     "rope_kernel",
+    "norm_kernel",
 )
 
 
@@ -66,7 +68,8 @@ class NVAmplifyConfig(AMPLIFYConfig):
 
     The options mean what they mean in ``modeling_esm_te.NVEsmConfig``: ``attn_input_format`` (``"bshd"`` or
     ``"thd"``), ``fuse_qkv_params``, ``padded_vocab_size`` (embedding/decoder rows; None: no padding),
-    ``fp8_layers``/``fp4_layers`` (1-based layer numbers), ``params_dtype`` and ``rope_kernel``. There is no FP32
+    ``fp8_layers``/``fp4_layers`` (1-based layer numbers), ``params_dtype``, ``rope_kernel`` and ``norm_kernel``
+    (its RMSNorm). There is no FP32
     residual option: ``modeling_esm_te.EsmTransformerLayer`` adds the bias TE returns, an empty tensor when
     ``bias=False``.
     """
@@ -82,6 +85,7 @@ class NVAmplifyConfig(AMPLIFYConfig):
         fp4_layers: list[int] | None = None,
         params_dtype: str = "float32",
         rope_kernel: str = "triton",
+        norm_kernel: str = "te",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -92,6 +96,7 @@ class NVAmplifyConfig(AMPLIFYConfig):
         self.fp4_layers = fp4_layers
         self.params_dtype = params_dtype
         self.rope_kernel = rope_kernel
+        self.norm_kernel = norm_kernel
         self._validate_te_options()
 
     def _validate_te_options(self) -> None:
@@ -102,6 +107,7 @@ class NVAmplifyConfig(AMPLIFYConfig):
         if self.params_dtype not in PARAMS_DTYPES:
             raise ValueError(f"params_dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}")
         check_rope_kernel(self.rope_kernel)
+        check_norm_kernel(self.norm_kernel)
         rows = self.padded_vocab_size
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < self.vocab_size):
             raise ValueError(

@@ -46,6 +46,7 @@ from convert import (
     te_vocab_rows,
 )
 from initialization import NOT_AN_EMBEDDING, embedding_paddings, init_parameter_
+from norm_kernel import check_norm_kernel, select_norm_kernel
 from rotary import PackedRotary, check_rope_kernel, packed_rotary, route_te_rope
 
 # ESM-2 masked 15% of tokens and replaced 80% of those with <mask>; token dropout rescales embeddings by this ratio.
@@ -92,6 +93,8 @@ class NVEsmConfig(EsmConfig):
         gelu_in_gemm: in BF16, compute the MLP's bias + GELU in the FC1 GEMM's cuBLAS epilogue and its gradient in
             the FC2 data-gradient GEMM's, instead of TE's separate compiled bias-GELU kernels (TE's default while
             ``use_reentrant`` recompute is on). FP8 layers are unaffected (TE fuses GELU with the cast there).
+        norm_kernel: ``"te"`` (TE's LayerNorm kernels) or ``"cudnn"`` (cuDNN's), forward and backward; set at the
+            start of every forward (``norm_kernel.py``: TE's switch is process-wide).
 
     """
 
@@ -106,6 +109,7 @@ class NVEsmConfig(EsmConfig):
     fp32_residual_connection: bool = False
     rope_kernel: str = "triton"
     gelu_in_gemm: bool = True
+    norm_kernel: str = "te"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -118,6 +122,7 @@ class NVEsmConfig(EsmConfig):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         check_rope_kernel(self.rope_kernel)
+        check_norm_kernel(self.norm_kernel)
         if self.params_dtype not in PARAMS_DTYPES:
             raise ValueError(f"params_dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}")
         if self.padded_vocab_size is not None:
@@ -654,6 +659,7 @@ class TEMaskedLM(nn.Module):
         A context-parallel shard (``set_context_parallel``) also takes ``cu_seqlens_padded`` and ``local_cu_seqlens``.
         Labels equal to -100 are ignored. Nothing here reads device values on the host.
         """
+        select_norm_kernel(self.config.norm_kernel)
         hidden_states = self.backbone()(
             input_ids,
             attention_mask=attention_mask,

@@ -15,7 +15,9 @@ from transformers import EsmConfig, EsmForMaskedLM
 
 from benchmark import (
     VARIANTS,
+    Group,
     Plan,
+    benchmark_groups,
     benchmark_plan,
     gpu_clocks,
     host_cpu,
@@ -134,9 +136,28 @@ def test_plan_rounds_the_warm_up_to_whole_windows():
     assert (plan.token_budgets, plan.warmup, plan.session_steps) == ((8192, 16384, 32768, 65536), 4, 20)
 
 
+def test_groups_run_in_the_order_given_with_their_own_variants_and_budgets():
+    default = compose(
+        "benchmark", ["benchmark.models=[a,b]", "benchmark.variants=[x,y]", "benchmark.token_budgets=[2048,4096]"]
+    )
+    both = ("x", "y")
+    expected = (Group("a", 2048, both), Group("a", 4096, both), Group("b", 2048, both), Group("b", 4096, both))
+    assert benchmark_groups(default, benchmark_plan(default)) == expected
+    cfg = compose("benchmark_targets")
+    groups = benchmark_groups(cfg, benchmark_plan(cfg))
+    assert [group.model_tag for group in groups[:3]] == ["esm2_t33_650M_UR50D"] * 2 + ["esm2_t30_150M_UR50D"]
+    assert all(len(group.variants) == 1 for group in groups if group.model_tag == "esm2_t36_3B_UR50D")
+    assert [group.token_budget for group in groups][-2:] == [8192, 32768]  # the sweep's own budgets
+    assert {name for group in groups for name in group.variants} <= set(VARIANTS)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["benchmark.groups=[{model:m}]"], "benchmark.groups[0] must give a model and its variants"),
+        (["benchmark.groups=[{model:m,variants:[x],budget:1}]"], "benchmark.groups[0]: unknown keys ['budget']"),
+        (["benchmark.groups=[{model:m,variants:[x],token_budgets:[512]}]"], "benchmark.groups[0].token_budgets [512]"),
+        (["benchmark.groups=[{model:m,variants:[x,x]}]"], "benchmark.groups[0].variants must not list an entry twice"),
         (["benchmark.repeats=0"], "benchmark.repeats=0 must be at least 1"),
         (["benchmark.timed_steps=0"], "benchmark.timed_steps=0 must be at least 1"),
         (
@@ -227,10 +248,11 @@ def test_a_variant_that_fails_is_dropped_and_the_others_go_on(monkeypatch):
 
     monkeypatch.setattr(benchmark, "start_variant", start_variant)
     monkeypatch.setattr(benchmark, "timed_window", timed_window)
-    cfg = compose("benchmark", ["benchmark.variants=[steady,broken_build,oom_later]"])
+    cfg = compose("benchmark")
     report = {"rows": [], "windows": []}
     plan = Plan(warmup=2, timed=2, repeats=3, token_budgets=(2048,), busy_fraction=False)
-    benchmark.measure_group(cfg, "esm2_t6_8M_UR50D", 2048, plan, report, save=lambda: None)
+    group = Group("esm2_t6_8M_UR50D", 2048, ("steady", "broken_build", "oom_later"))
+    benchmark.measure_group(cfg, group, plan, report, save=lambda: None)
     assert ran == ["steady", "oom_later", "steady", "oom_later", "steady"]  # oom_later dropped after its OOM
     assert closed == ["oom_later", "steady"]  # the dropped session at once, the others at the end of the group
     steady, broken, oom = report["rows"]
@@ -267,10 +289,10 @@ def test_busy_fraction_comes_from_one_more_traced_window_per_variant(monkeypatch
     monkeypatch.setattr(benchmark, "start_variant", start_variant)
     monkeypatch.setattr(benchmark, "timed_window", timed_window)
     monkeypatch.setattr(benchmark, "shutdown_workers", lambda: None)
-    cfg = compose("benchmark", ["benchmark.variants=[a,b]"])
+    cfg = compose("benchmark")
     report = {"rows": [], "windows": []}
     plan = Plan(warmup=2, timed=2, repeats=2, token_budgets=(2048,), busy_fraction=True)
-    benchmark.measure_group(cfg, "esm2_t6_8M_UR50D", 2048, plan, report, save=lambda: None)
+    benchmark.measure_group(cfg, Group("esm2_t6_8M_UR50D", 2048, ("a", "b")), plan, report, save=lambda: None)
     assert calls == [("a", False), ("b", False), ("a", False), ("b", False), ("a", True), ("b", True)]
     a, b = report["rows"]
     assert a["tokens_per_s_repeats"] == [100.0, 100.0] and a["repeats"] == 2  # the traced window is not a repeat

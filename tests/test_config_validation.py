@@ -27,6 +27,7 @@ def validate(cfg, use_te=False, strategy=train_fsdp2.STRATEGY):
         ("fp32_residual_connection=yes", "fp32_residual_connection='yes': must be true or false"),
         ("rope_kernel=cuda", "rope_kernel='cuda': must be one of ('triton', 'te')"),
         ("gelu_in_gemm=sometimes", "gelu_in_gemm='sometimes': must be true or false"),
+        ("norm_kernel=apex", "norm_kernel='apex': must be one of ('te', 'cudnn')"),
     ],
 )
 def test_bad_values_are_reported_clearly(override, message):
