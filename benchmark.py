@@ -257,9 +257,10 @@ class Group:
     model_tag: str
     token_budget: int
     variants: tuple[str, ...]
+    profile: bool = False  # kernel profile of every variant after the timed windows (benchmark.profile)
 
 
-GROUP_KEYS = ("model", "variants", "token_budgets")
+GROUP_KEYS = ("model", "variants", "token_budgets", "profile")
 
 
 def group_problems(bench: DictConfig, seq: int) -> list[str]:
@@ -286,11 +287,12 @@ def group_problems(bench: DictConfig, seq: int) -> list[str]:
 def benchmark_groups(cfg: DictConfig, plan: Plan) -> tuple[Group, ...]:
     """What runs, in order: `benchmark.groups` as given, else every model at every budget with all the variants."""
     bench = cfg.benchmark
+    profile = bool(bench.profile)
     if bench.get("groups") is None:
         variants = tuple(bench.variants)
-        return tuple(Group(model, budget, variants) for model in bench.models for budget in plan.token_budgets)
+        return tuple(Group(model, budget, variants, profile) for model in bench.models for budget in plan.token_budgets)
     return tuple(
-        Group(str(entry.model), int(budget), tuple(entry.variants))
+        Group(str(entry.model), int(budget), tuple(entry.variants), bool(entry.get("profile", profile)))
         for entry in bench.groups
         for budget in (entry.get("token_budgets") or plan.token_budgets)
     )
@@ -759,7 +761,7 @@ def measure_group(cfg: DictConfig, group: Group, plan: Plan, report: dict, save:
         trace_window(sessions, rows[name], plan, report)
         save()
     for name, session in sessions.items():
-        if cfg.benchmark.profile:
+        if group.profile:
             prefix = output_dir(cfg.benchmark, session.run.context.device) / "profile" / f"{model_tag}_{budget}_{name}"
             try:
                 profile_steps(*session_parts(session), prefix, int(cfg.benchmark.profile_steps))

@@ -147,7 +147,8 @@ def test_groups_run_in_the_order_given_with_their_own_variants_and_budgets():
     groups = benchmark_groups(cfg, benchmark_plan(cfg))
     assert [group.model_tag for group in groups[:3]] == ["esm2_t33_650M_UR50D"] * 2 + ["esm2_t30_150M_UR50D"]
     assert all(len(group.variants) == 1 for group in groups if group.model_tag == "esm2_t36_3B_UR50D")
-    assert [group.token_budget for group in groups][-2:] == [8192, 32768]  # the sweep's own budgets
+    assert groups[-1].token_budget == 32768  # the sweep's own budget
+    assert [group.profile for group in groups[:3]] == [True, False, True]
     assert {name for group in groups for name in group.variants} <= set(VARIANTS)
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU: every row of the throughput targets in ONE benchmark run (hydra_config/benchmark_targets.yaml, ~20 min),
+# longer than one device call allows, so the run is started as its own process session and outlives the call:
+#   PHASE=start OUT=/tmp/out bash benchmarks/targets_check.sh   # GPU tests and graphed-vs-eager losses, then starts
+#                                                               # the benchmark; returns at $DEADLINE s with what
+#                                                               # has finished so far
+#   PHASE=wait  OUT=/tmp/out bash benchmarks/targets_check.sh   # (next call, on the same warm machine) waits for the
+#                                                               # run, at most until $DEADLINE s, and returns it
+# start: tests/test_norm_kernel_gpu.py (metrics as JSON lines), then
+#        benchmarks/cuda_graphs_check.sh (35M, 50 steps, BF16 and FP8 delayed, static-shape eager vs graphed).
+# Everything lands in $OUT/results.tgz (kernel traces left out: too large to come back); $OUT/summary.txt says how far
+# the run got. The report itself: /tmp/targets/results/benchmark_*.{md,json,png}.
+set -u
+OUT=${OUT:?set OUT to a folder for the results}
+PHASE=${PHASE:-start}
+DEADLINE=${DEADLINE:-560}
+WORK=/tmp/targets
+mkdir -p "$WORK" "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+summary="$OUT/summary.txt"
+if [ "$PHASE" = start ]; then
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit,memory.total --format=csv >> "$summary"
+  GPU_METRICS_FILE="$WORK/gpu_metrics.jsonl" timeout 150 python3 -m pytest -q -s -p no:cacheprovider \
+    tests/test_norm_kernel_gpu.py > "$WORK/tests.log" 2>&1
+  echo "== tests rc=$? ($SECONDS s)" >> "$summary"
+  tail -3 "$WORK/tests.log" >> "$summary"
+  OUT="$WORK/graphs" PRECISIONS="bf16 fp8_delayed" MODES="static graphs" STEPS=50 \
+    timeout 200 bash benchmarks/cuda_graphs_check.sh > "$WORK/graphs.log" 2>&1
+  echo "== graphs rc=$? ($SECONDS s)" >> "$summary"
+  tail -12 "$WORK/graphs.log" >> "$summary"
+  # its own process session: the device tool ends the call's processes, not this one
+  setsid bash -c "python3 benchmark.py --config-name benchmark_targets benchmark.readme=null \
+    benchmark.output_dir=$WORK/results > $WORK/benchmark.log 2>&1; echo \$? > $WORK/benchmark.rc" < /dev/null &
+  echo "== benchmark started at $SECONDS s" >> "$summary"
+fi
+while [ ! -f "$WORK/benchmark.rc" ] && [ "$SECONDS" -lt "$DEADLINE" ]; do sleep 5; done
+if [ -f "$WORK/benchmark.rc" ]; then
+  echo "== benchmark rc=$(cat "$WORK/benchmark.rc") ($SECONDS s into this call)" >> "$summary"
+else
+  echo "== benchmark still running at $SECONDS s: $(grep -c '^\[benchmark\]' "$WORK/benchmark.log") lines so far" >> "$summary"
+fi
+grep '^\[benchmark\]' "$WORK/benchmark.log" | tail -40 >> "$summary"
+tar -czf "$OUT/results.tgz" --exclude='*_trace.json.gz' -C "$WORK" .
+cat "$summary"
