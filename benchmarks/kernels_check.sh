@@ -6,7 +6,7 @@
 # bench650: benchmark.py, 650M at 16k tokens, graphs, BF16: recipe kernels vs TE's RoPE, TE's bias-GELU, both TE's
 #           (three sessions on an 80 GB card: the GELU-only one is left out)
 # both650:  the same, recipe kernels vs both of TE's only (two sessions)
-# fp8650:   the same for FP8 delayed scaling (recipe's RoPE vs TE's), and BF16 with BF16 weights
+# fp8650:   the same for FP8 delayed scaling (recipe's RoPE vs TE's), and BF16, with kernel profiles
 # amplify:  benchmark.py, AMPLIFY 350M: reference padded to 512, TE THD graphs with the recipe's and TE's RoPE
 #           (AMPLIFY_VARIANTS and AMPLIFY_BUDGETS override the variants and the token budgets, default 16k)
 # bench3b:  benchmark.py, 3B at 16k tokens, graphs, BF16 weights: recipe kernels vs TE's
@@ -48,9 +48,11 @@ for part in $PARTS; do
       [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] \
         && variants=te_thd_graphs,te_thd_graphs_te_rope,te_thd_graphs_te_kernels
       bench bench650 "benchmark.models=[esm2_t33_650M_UR50D]" "benchmark.variants=[$variants]" ;;
-    fp8650)
-      bench fp8650 "benchmark.models=[esm2_t33_650M_UR50D]" \
-        "benchmark.variants=[te_thd_graphs_fp8_delayed,te_thd_graphs_fp8_delayed_te_rope,te_thd_graphs_bf16_weights]" ;;
+    fp8650)  # profiled; the BF16 session only where three 650M sessions fit (not on an 80 GB card)
+      variants=te_thd_graphs_fp8_delayed,te_thd_graphs_fp8_delayed_te_rope,te_thd_graphs
+      [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] \
+        && variants=te_thd_graphs_fp8_delayed,te_thd_graphs_fp8_delayed_te_rope
+      bench fp8650 "benchmark.models=[esm2_t33_650M_UR50D]" "benchmark.variants=[$variants]" benchmark.profile=true ;;
     amplify)
       bench amplify "benchmark.models=[amplify_350M]" tokenizer=tokenizers/amplify dataset.max_seq_length=512 \
         "benchmark.variants=[${AMPLIFY_VARIANTS:-hf_pad1024,te_thd_graphs,te_thd_graphs_te_rope}]" \
@@ -68,5 +70,5 @@ for part in $PARTS; do
   esac
   echo "   ($part took $((SECONDS - start)) s)" >> "$summary"
 done
-tar -czf "$OUT/results.tgz" -C "$WORK" .
+tar -czf "$OUT/results.tgz" --exclude='*_trace.json.gz' -C "$WORK" .
 cat "$summary"
