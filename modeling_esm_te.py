@@ -496,6 +496,7 @@ class NVEsmModel(nn.Module):
             for dtype in dtypes
         )
         context = torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False) if autocast_dtype else nullcontext()
+        select_norm_kernel(self.config.norm_kernel)  # the graphs keep the normalization kernels chosen now
         with context:
             self.encoder.make_cuda_graphs(sample_args, max_seqlen)
 
