@@ -10,6 +10,8 @@
 # amplify:  benchmark.py, AMPLIFY 350M: reference padded to 512, TE THD graphs with the recipe's and TE's RoPE
 #           (AMPLIFY_VARIANTS and AMPLIFY_BUDGETS override the variants and the token budgets, default 16k)
 # bench3b:  benchmark.py, 3B at 16k tokens, graphs, BF16 weights: recipe kernels vs TE's
+# norm650:  benchmark.py, 650M at 16k tokens, graphs, BF16: TE's LayerNorm kernels vs cuDNN's (norm_kernel)
+# normtests: tests/test_norm_kernel_gpu.py (metrics as JSON lines)
 # graphs:   CUDA-graphed vs eager per-step losses (benchmarks/cuda_graphs_check.sh, 35M, 50 steps, BF16 + FP8 delayed)
 # Everything lands in $OUT/results.tgz; $OUT/summary.txt holds the tables.
 set -u
@@ -57,6 +59,13 @@ for part in $PARTS; do
       bench amplify "benchmark.models=[amplify_350M]" tokenizer=tokenizers/amplify dataset.max_seq_length=512 \
         "benchmark.variants=[${AMPLIFY_VARIANTS:-hf_pad1024,te_thd_graphs,te_thd_graphs_te_rope}]" \
         "benchmark.token_budgets=[${AMPLIFY_BUDGETS:-16384}]" ;;
+    norm650)  # cuDNN's LayerNorm kernels against TE's (two sessions: fits an 80 GB card)
+      bench norm650 "benchmark.models=[esm2_t33_650M_UR50D]" "benchmark.variants=[te_thd_graphs,te_thd_graphs_cudnn_norm]" ;;
+    normtests)
+      GPU_METRICS_FILE="$WORK/gpu_metrics.jsonl" timeout 150 python3 -m pytest -q -s -p no:cacheprovider \
+        tests/test_norm_kernel_gpu.py > "$WORK/normtests.log" 2>&1
+      echo "== normtests rc=$?" >> "$summary"
+      grep -E "metrics|passed|failed|Error" "$WORK/normtests.log" | tail -12 >> "$summary" ;;
     both650)  # all of the recipe's kernels against all of TE's, two sessions (fits an 80 GB card)
       bench both650 "benchmark.models=[esm2_t33_650M_UR50D]" "benchmark.variants=[te_thd_graphs,te_thd_graphs_te_kernels]" ;;
     bench3b)
