@@ -307,6 +307,18 @@ class StaticShapeLayer(nn.Module):
         )
 
 
+def unwrap_capture_autocast() -> None:
+    """Give ``StaticShapeLayer`` back its own ``__call__`` after a capture, also one that failed.
+
+    TE's ``make_graphed_callables`` replaces the class's ``__call__`` by one that enters its FP8 autocast for the
+    modules being captured (disabled for any other), and restores it only when the capture succeeds. After a capture
+    that raised (out of memory, say) every later capture in the process would then run with FP8 off: a benchmark
+    session after an OOM one measured FP8 at exactly the BF16 speed (H100, 2026-12-07).
+    """
+    if "__call__" in StaticShapeLayer.__dict__:
+        del StaticShapeLayer.__call__
+
+
 def rotary_tensors(rotary: Any) -> tuple[torch.Tensor, ...]:
     """The tensors a ``StaticShapeLayer`` takes for a layer's ``rotary_pos_emb``."""
     return rotary.tensors() if isinstance(rotary, PackedRotary) else (rotary,)
@@ -404,13 +416,16 @@ class NVEsmEncoder(nn.Module):
         Parameters must not be replaced afterwards.
         """
         graphed = [StaticShapeLayer(layer, max_seqlen) for layer in self.layers]
-        te.make_graphed_callables(
-            tuple(graphed),
-            sample_args,
-            enabled=tuple(self.layer_uses_fp8(layer.layer_number) for layer in self.layers),
-            recipe=self.outer_recipe,
-            amax_reduction_group=self.fp8_group,
-        )
+        try:
+            te.make_graphed_callables(
+                tuple(graphed),
+                sample_args,
+                enabled=tuple(self.layer_uses_fp8(layer.layer_number) for layer in self.layers),
+                recipe=self.outer_recipe,
+                amax_reduction_group=self.fp8_group,
+            )
+        finally:  # see unwrap_capture_autocast
+            unwrap_capture_autocast()
         self.__dict__["graphed_layers"] = graphed  # not submodules: the state dict keeps the layers' own names
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:

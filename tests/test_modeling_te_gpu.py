@@ -461,3 +461,19 @@ def test_fp8_primary_weights_train_with_fresh_transposes(te_esm, bshd_batch) -> 
         assert type(exported[name]) is torch.Tensor and exported[name].dtype == torch.bfloat16
         assert torch.equal(exported[name], param.dequantize().cpu())
     record("fp8_primary_weights", losses=[round(v, 4) for v in losses], fp8_weights=len(fp8_weights))
+
+
+def test_a_failed_capture_does_not_switch_fp8_off_for_later_ones(te_esm, monkeypatch) -> None:
+    """TE's capture patches StaticShapeLayer.__call__ with its FP8 autocast and undoes it only on success; after a
+    capture that raised, the encoder undoes it itself (else later captures in the process ran with FP8 off)."""
+
+    def capture_that_runs_out_of_memory(modules, *args, **kwargs):
+        type(modules[0]).__call__ = lambda self, *a, **k: None  # what TE leaves behind when the capture raises
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    model = te_twin(te_esm, random_hf_model(SMALL), attn_input_format="thd").train()
+    monkeypatch.setattr(te_esm.te, "make_graphed_callables", capture_that_runs_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        model.esm.encoder.make_cuda_graphs((), 64)
+    assert "__call__" not in te_esm.StaticShapeLayer.__dict__
+    assert te_esm.StaticShapeLayer.__call__ is torch.nn.Module.__call__
