@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU: every row of the throughput targets in ONE benchmark run (hydra_config/benchmark_targets.yaml, ~20 min),
+# One GPU: every row of the throughput targets in ONE benchmark run (hydra_config/benchmark_targets.yaml, ~20 min;
+# benchmark_targets_80gb.yaml on an 80 GB card),
 # longer than one device call allows, so the run is started as its own process session and outlives the call:
 #   PHASE=start OUT=/tmp/out bash benchmarks/targets_check.sh   # GPU tests and graphed-vs-eager losses, then starts
 #                                                               # the benchmark; returns at $DEADLINE s with what
@@ -28,8 +29,11 @@ if [ "$PHASE" = start ]; then
     timeout 200 bash benchmarks/cuda_graphs_check.sh > "$WORK/graphs.log" 2>&1
   echo "== graphs rc=$? ($SECONDS s)" >> "$summary"
   tail -12 "$WORK/graphs.log" >> "$summary"
+  config=benchmark_targets  # an 80 GB card holds fewer sessions per group
+  [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] \
+    && config=benchmark_targets_80gb
   # its own process session: the device tool ends the call's processes, not this one
-  setsid bash -c "python3 benchmark.py --config-name benchmark_targets benchmark.readme=null \
+  setsid bash -c "python3 benchmark.py --config-name $config benchmark.readme=null \
     benchmark.output_dir=$WORK/results > $WORK/benchmark.log 2>&1; echo \$? > $WORK/benchmark.rc" < /dev/null &
   echo "== benchmark started at $SECONDS s" >> "$summary"
 fi
