@@ -69,9 +69,8 @@ class NVAmplifyConfig(AMPLIFYConfig):
     The options mean what they mean in ``modeling_esm_te.NVEsmConfig``: ``attn_input_format`` (``"bshd"`` or
     ``"thd"``), ``fuse_qkv_params``, ``padded_vocab_size`` (embedding/decoder rows; None: no padding),
     ``fp8_layers``/``fp4_layers`` (1-based layer numbers), ``params_dtype``, ``rope_kernel`` and ``norm_kernel``
-    (its RMSNorm). There is no FP32
-    residual option: ``modeling_esm_te.EsmTransformerLayer`` adds the bias TE returns, an empty tensor when
-    ``bias=False``.
+    (here for RMSNorm). There is no FP32 residual option: ``modeling_esm_te.EsmTransformerLayer`` adds the bias TE
+    returns, an empty tensor when ``bias=False``.
     """
 
     model_type = "nv_amplify"
