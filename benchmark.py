@@ -113,6 +113,11 @@ class Variant:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
+def graphed(label: str, precision: str = "bf16", **overrides: Any) -> Variant:
+    """A TE THD variant with CUDA graphs (static shapes), plus `overrides` of top-level config keys."""
+    return Variant(label, True, precision, packed=True, overrides={"cuda_graphs": True, **overrides})
+
+
 VARIANTS: dict[str, Variant] = {
     "hf_pad1024": Variant("transformers (SDPA), padded to max_seq_length", False, "bf16", pad_to_max_length=True),
     "hf_padlongest": Variant("transformers (SDPA), padded to the longest", False, "bf16"),
@@ -126,84 +131,42 @@ VARIANTS: dict[str, Variant] = {
         overrides={"use_fp32_master_weights": False},
     ),
     "te_thd_static": Variant("TE THD, static shapes", True, "bf16", packed=True, overrides={"static_shapes": True}),
-    "te_thd_graphs": Variant(
-        "TE THD, static shapes + CUDA graphs", True, "bf16", packed=True, overrides={"cuda_graphs": True}
+    "te_thd_graphs": graphed("TE THD, static shapes + CUDA graphs"),
+    "te_thd_graphs_te_rope": graphed(
+        "TE THD + CUDA graphs, TE's fused THD RoPE kernel instead of the recipe's", rope_kernel="te"
     ),
-    "te_thd_graphs_te_rope": Variant(
-        "TE THD + CUDA graphs, TE's fused THD RoPE kernel instead of the recipe's",
-        True,
-        "bf16",
-        packed=True,
-        overrides={"cuda_graphs": True, "rope_kernel": "te"},
+    "te_thd_graphs_bias_gelu": graphed(
+        "TE THD + CUDA graphs, TE's separate bias-GELU kernels instead of the GEMM epilogue", gelu_in_gemm=False
     ),
-    "te_thd_graphs_bias_gelu": Variant(
-        "TE THD + CUDA graphs, TE's separate bias-GELU kernels instead of the GEMM epilogue",
-        True,
-        "bf16",
-        packed=True,
-        overrides={"cuda_graphs": True, "gelu_in_gemm": False},
-    ),
-    "te_thd_graphs_te_kernels": Variant(
+    "te_thd_graphs_te_kernels": graphed(
         "TE THD + CUDA graphs, TE's RoPE and bias-GELU kernels (the recipe before rope_kernel and gelu_in_gemm)",
-        True,
-        "bf16",
-        packed=True,
-        overrides={"cuda_graphs": True, "rope_kernel": "te", "gelu_in_gemm": False},
+        rope_kernel="te",
+        gelu_in_gemm=False,
     ),
-    "te_thd_graphs_fp8_delayed_te_rope": Variant(
-        "TE THD + CUDA graphs + FP8 delayed scaling, TE's fused THD RoPE kernel",
-        True,
-        "fp8_delayed",
-        packed=True,
-        overrides={"cuda_graphs": True, "rope_kernel": "te"},
+    "te_thd_graphs_fp8_delayed_te_rope": graphed(
+        "TE THD + CUDA graphs + FP8 delayed scaling, TE's fused THD RoPE kernel", "fp8_delayed", rope_kernel="te"
     ),
-    "te_thd_graphs_cudnn_norm": Variant(
-        "TE THD + CUDA graphs, cuDNN's LayerNorm kernels",
-        True,
-        "bf16",
-        packed=True,
-        overrides={"cuda_graphs": True, "norm_kernel": "cudnn"},
+    "te_thd_graphs_cudnn_norm": graphed("TE THD + CUDA graphs, cuDNN's LayerNorm kernels", norm_kernel="cudnn"),
+    "te_thd_graphs_fp8_delayed_cudnn_norm": graphed(
+        "TE THD + CUDA graphs + FP8 delayed scaling, cuDNN's LayerNorm kernels", "fp8_delayed", norm_kernel="cudnn"
     ),
-    "te_thd_graphs_fp8_delayed_cudnn_norm": Variant(
-        "TE THD + CUDA graphs + FP8 delayed scaling, cuDNN's LayerNorm kernels",
-        True,
-        "fp8_delayed",
-        packed=True,
-        overrides={"cuda_graphs": True, "norm_kernel": "cudnn"},
+    "te_thd_graphs_bf16_weights": graphed(
+        "TE THD + CUDA graphs, BF16 weights and optimizer state", use_fp32_master_weights=False
     ),
-    "te_thd_graphs_bf16_weights": Variant(
-        "TE THD + CUDA graphs, BF16 weights and optimizer state",
-        True,
-        "bf16",
-        packed=True,
-        overrides={"cuda_graphs": True, "use_fp32_master_weights": False},
-    ),
-    "te_thd_graphs_fp8_delayed": Variant(
-        "TE THD + CUDA graphs + FP8 delayed scaling", True, "fp8_delayed", packed=True, overrides={"cuda_graphs": True}
-    ),
-    "te_thd_graphs_fp8_current": Variant(
-        "TE THD + CUDA graphs + FP8 current scaling", True, "fp8_current", packed=True, overrides={"cuda_graphs": True}
-    ),
-    "te_thd_graphs_fp8_delayed_bf16_weights": Variant(
+    "te_thd_graphs_fp8_delayed": graphed("TE THD + CUDA graphs + FP8 delayed scaling", "fp8_delayed"),
+    "te_thd_graphs_fp8_current": graphed("TE THD + CUDA graphs + FP8 current scaling", "fp8_current"),
+    "te_thd_graphs_fp8_delayed_bf16_weights": graphed(
         "TE THD + CUDA graphs + FP8 delayed scaling, BF16 weights and optimizer state",
-        True,
         "fp8_delayed",
-        packed=True,
-        overrides={"cuda_graphs": True, "use_fp32_master_weights": False},
+        use_fp32_master_weights=False,
     ),
-    "te_thd_graphs_optimizer_masters": Variant(
-        "TE THD + CUDA graphs, BF16 weights, FP32 master weights in TE FusedAdam",
-        True,
-        "bf16",
-        packed=True,
-        overrides={"cuda_graphs": True, "master_weights": "optimizer"},
+    "te_thd_graphs_optimizer_masters": graphed(
+        "TE THD + CUDA graphs, BF16 weights, FP32 master weights in TE FusedAdam", master_weights="optimizer"
     ),
-    "te_thd_graphs_fp8_delayed_optimizer_masters": Variant(
+    "te_thd_graphs_fp8_delayed_optimizer_masters": graphed(
         "TE THD + CUDA graphs + FP8 delayed scaling, FP32 master weights in TE FusedAdam",
-        True,
         "fp8_delayed",
-        packed=True,
-        overrides={"cuda_graphs": True, "master_weights": "optimizer"},
+        master_weights="optimizer",
     ),
     "te_thd_fp8_delayed_fp8_weights": Variant(
         "TE THD + FP8 delayed scaling, FP8 primary weights (FP32 master in TE FusedAdam)",
