@@ -46,16 +46,6 @@ from norm_kernel import check_norm_kernel
 from rotary import check_rope_kernel
 
 AMPLIFY_VOCAB_PAD_MULTIPLE = 16
-TE_OPTIONS = (
-    "attn_input_format",
-    "fuse_qkv_params",
-    "padded_vocab_size",
-    "fp8_layers",
-    "fp4_layers",
-    "params_dtype",
-    "rope_kernel",
-    "norm_kernel",
-)
 
 
 def round_up_amplify_vocab(vocab_size: int) -> int:
