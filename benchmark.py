@@ -69,6 +69,7 @@ from torch.profiler import ProfilerActivity
 import train_ddp
 import train_fsdp2
 import train_mfsdp
+from dataset import list_data_files
 from distributed import destroy_distributed
 from families import model_family
 from loader import shutdown_workers
@@ -280,6 +281,9 @@ def benchmark_plan(cfg: DictConfig) -> Plan:
         problems.append(f"benchmark.token_budgets {small} must each be >= dataset.max_seq_length ({seq})")
     if len(set(budgets)) < len(budgets) or len(set(bench.variants)) < len(bench.variants):
         problems.append("benchmark.token_budgets and benchmark.variants must not list an entry twice")
+    copies = bench.get("epoch_copies")
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        problems.append(f"benchmark.epoch_copies={copies!r} must be a positive integer (1: the data files once)")
     if bench.strategy not in STRATEGIES:
         problems.append(f"benchmark.strategy={bench.strategy!r} must be one of {tuple(STRATEGIES)}")
     problems += group_problems(bench, seq)
@@ -894,7 +898,9 @@ def markdown(report: dict[str, Any], heading: str = "#") -> str:
         f"GPU after the ceilings: {clocks_text(meta['gpu_clocks'])}.",
         f"Every variant: forward + backward + fused AdamW, {meta['strategy'].upper()} on one device, BF16 compute "
         f"(FP32 on CPU), weights as in the row (run's default: {meta['weights']}), real protein lengths from "
-        f"`{meta['dataset']}`, a capacity per step of {budgets} tokens (Tokens/step; "
+        f"`{meta['dataset']}`"
+        + (f" ({meta['epoch_copies']} copies an epoch)" if meta.get("epoch_copies", 1) > 1 else "")
+        + f", a capacity per step of {budgets} tokens (Tokens/step; "
         + (
             "one protein of that many tokens per step: dataset.max_seq_length = Tokens/step)."
             if meta.get("one_sequence_per_step")
@@ -1066,6 +1072,30 @@ def dumps(report: dict[str, Any]) -> str:
     return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: compact[int(m.group(1))], text)
 
 
+def copies_of_the_data(cfg: DictConfig, folder: Path) -> None:
+    """Point `dataset.path` at `benchmark.epoch_copies` links to each data file, made in `folder`.
+
+    One epoch then holds that many copies of every protein, in one shuffle.
+
+    A small sample (~41 packs of 16k tokens) ends its epoch inside most timed windows, and its last packs are the
+    sparse ones (short proteins left over, capped per pack): windows with and without that end differ by ~10%.
+    Training data of millions of proteins ends an epoch a handful of times per run, so the copies measure the
+    steady state that training sees, with the sample's own length distribution.
+    """
+    copies = int(cfg.benchmark.epoch_copies)
+    if copies == 1:
+        return
+    sources = [Path(name).resolve() for name in list_data_files(str(cfg.dataset.path))]
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():  # an earlier run's links (only links: nothing else there is touched)
+        if old.is_symlink():
+            old.unlink()
+    for index in range(copies):
+        for source in sources:
+            (folder / f"copy{index:03d}_{source.name}").symlink_to(source)
+    cfg.dataset.path = str(folder)
+
+
 def report_meta(cfg: DictConfig, plan: Plan, device: torch.device) -> dict[str, Any]:
     """Everything the numbers depend on besides the variant: hardware, clocks, versions, ceilings and the set-up."""
     size = int(cfg.benchmark.ceiling_size) if device.type == "cuda" else min(int(cfg.benchmark.ceiling_size), 1024)
@@ -1083,6 +1113,7 @@ def report_meta(cfg: DictConfig, plan: Plan, device: torch.device) -> dict[str, 
         "ceilings_tflops": ceilings,
         "dense_ceiling": "bf16" if device.type == "cuda" else "fp32",
         "dataset": str(cfg.dataset.path),
+        "epoch_copies": int(cfg.benchmark.epoch_copies),
         "token_budgets": sorted({group.token_budget for group in benchmark_groups(cfg, plan)}),
         "max_seq_length": int(cfg.dataset.max_seq_length),
         "one_sequence_per_step": bool(cfg.benchmark.one_sequence_per_step),
@@ -1106,9 +1137,10 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     plan = benchmark_plan(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     release_memory()
-    report: dict[str, Any] = {"meta": report_meta(cfg, plan, device), "rows": [], "windows": []}
     out_dir = output_dir(cfg.benchmark, device)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"meta": report_meta(cfg, plan, device), "rows": [], "windows": []}
+    copies_of_the_data(cfg, out_dir / "epoch_copies")
     weights = "fp32-master" if cfg.use_fp32_master_weights else "bf16-weights"
     slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["gpu"].lower()).strip("-")
     stem = out_dir / f"benchmark_{slug}_{report['meta']['date'][:10]}_{cfg.benchmark.strategy}_{weights}"

@@ -19,6 +19,7 @@ from benchmark import (
     Plan,
     benchmark_groups,
     benchmark_plan,
+    copies_of_the_data,
     gpu_clocks,
     host_cpu,
     matmul_parameters,
@@ -33,6 +34,7 @@ from benchmark import (
     variant_config,
 )
 from collator import BSHDCollator, MLMMasker, THDCollator
+from dataset import list_data_files, read_fasta
 from model import load_model_config
 
 
@@ -174,6 +176,7 @@ def test_groups_run_in_the_order_given_with_their_own_variants_and_budgets():
         (["benchmark.token_budgets=[]"], "must list at least one token budget"),
         (["benchmark.token_budgets=[2048,2048]"], "must not list an entry twice"),
         (["benchmark.strategy=zero3"], "benchmark.strategy='zero3' must be one of ('ddp', 'fsdp2', 'mfsdp')"),
+        (["benchmark.epoch_copies=0"], "benchmark.epoch_copies=0 must be a positive integer"),
     ],
 )
 def test_settings_are_refused_before_anything_is_built_or_written(tmp_path, overrides, message):
@@ -191,6 +194,18 @@ def test_all_problems_are_named_in_one_message():
         benchmark_plan(cfg)
     assert "repeats=0" in str(error.value) and "timed_steps=-1" in str(error.value)
     assert "[512] must each be >= dataset.max_seq_length (1024)" in str(error.value)
+
+
+def test_epoch_copies_read_every_protein_that_many_times_per_epoch(tmp_path):
+    cfg = compose("benchmark", ["benchmark.epoch_copies=3"])
+    sample = [record["sequence"] for record in read_fasta(list_data_files(str(cfg.dataset.path)))]
+    copies_of_the_data(cfg, tmp_path / "copies")
+    files = list_data_files(str(cfg.dataset.path))
+    assert Path(cfg.dataset.path) == tmp_path / "copies" and len(files) == 3
+    assert [record["sequence"] for record in read_fasta(files)] == sample * 3
+    again = compose("benchmark", ["benchmark.epoch_copies=2"])
+    copies_of_the_data(again, tmp_path / "copies")  # a later run over the same folder replaces the links
+    assert [record["sequence"] for record in read_fasta(list_data_files(str(again.dataset.path)))] == sample * 2
 
 
 def test_busy_time_counts_overlapping_kernels_once():
