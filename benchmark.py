@@ -588,8 +588,9 @@ def device_busy_summary(prof: torch.profiler.profile, steps: int) -> str:
 
 def failure(exc: Exception) -> dict[str, str]:
     """The row status of a variant that raised: OOM (CUDA's, or an allocator's message) or failed, with the reason."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return {"status": "OOM", "reason": "CUDA out of memory"}
+    if isinstance(exc, torch.OutOfMemoryError):  # keep the allocator's figures: what was asked for, what was held
+        figures = str(exc).split("If reserved but unallocated")[0].removeprefix("CUDA out of memory.").strip()
+        return {"status": "OOM", "reason": f"CUDA out of memory. {figures}".strip()[:400]}
     if "out of memory" in str(exc).lower():
         return {"status": "OOM", "reason": f"{type(exc).__name__}: out of memory"}
     traceback.print_exception(exc)
