@@ -403,7 +403,9 @@ class Session:
     `run.train_stream` is the recorder's generator: every `train_loop` call continues it where the previous call
     stopped (re-entering the `EpochLoader` would restart the epoch and its workers). `resident_bytes` is what the
     session keeps allocated between windows (weights, optimizer state), so that its peak can be told apart from the
-    other sessions alive in the same process.
+    other sessions alive in the same process. `graph_pool_bytes` is the memory its CUDA graphs hold in their private
+    pools beyond that: a replay works in it without the allocator handing anything out, so the allocator's peak
+    misses it (a graphed 3B session read 33 GiB by that peak; the pools of another held 35 GiB when it ran out).
     """
 
     run: Run
@@ -414,6 +416,7 @@ class Session:
     recorder: LengthRecorder
     step: int = 0
     resident_bytes: int = 0
+    graph_pool_bytes: int = 0
     windows: list[dict[str, Any]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -434,6 +437,11 @@ def allocated_bytes(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
+def reserved_bytes(device: torch.device) -> int:
+    """Bytes the CUDA caching allocator holds from the device, handed out or cached (CUDA-graph pools included)."""
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+
+
 def advance(session: Session, steps: int) -> TrainResult:
     """Train `steps` more optimizer steps of the session, continuing its step count, schedule and data stream."""
     session.run.cfg.num_train_steps = session.step + steps
@@ -449,7 +457,7 @@ def open_session(cfg: DictConfig, plan: Plan) -> Session:
     strategy = STRATEGIES[cfg.benchmark.strategy]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     free_cached_memory()
-    before = allocated_bytes(device)
+    before, reserved_before = allocated_bytes(device), reserved_bytes(device)
     run = setup_run(cfg, strategy)
     recorder = LengthRecorder(run.train_stream, run.tokenizer.pad_token_id)
     run.train_stream = iter(recorder)  # one generator for the session's life: train_loop's iter() returns it as is
@@ -460,7 +468,10 @@ def open_session(cfg: DictConfig, plan: Plan) -> Session:
     except BaseException:
         run.train_stream.close()
         raise
+    free_cached_memory()  # returns the warm-up's cached blocks; live graphs keep their pools
     session.resident_bytes = allocated_bytes(device) - before
+    if cfg.get("cuda_graphs"):
+        session.graph_pool_bytes = max(0, reserved_bytes(device) - reserved_before - session.resident_bytes)
     return session
 
 
@@ -486,7 +497,8 @@ def timed_window(session: Session, plan: Plan, traced: bool = False) -> dict[str
         seconds = time.perf_counter() - begin
     busy = device_busy(profiler) if profiler is not None else None
     if device.type == "cuda":  # this session's share: the peak less what the other live sessions hold
-        peak = (torch.cuda.max_memory_allocated(device) - (at_start - session.resident_bytes)) / 2**30
+        own = torch.cuda.max_memory_allocated(device) - (at_start - session.resident_bytes)
+        peak = (own + session.graph_pool_bytes) / 2**30
     else:
         peak = peak_memory_gib(device)
     window = window_measures(session, start, seconds, result.metrics.get("train/loss", math.nan))
