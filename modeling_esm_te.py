@@ -428,6 +428,16 @@ class NVEsmEncoder(nn.Module):
             unwrap_capture_autocast()
         self.__dict__["graphed_layers"] = graphed  # not submodules: the state dict keeps the layers' own names
 
+    def release_cuda_graphs(self) -> None:
+        """Free the captured graphs, their memory pools and static buffers (TE's ``reset`` of each graphed callable).
+
+        Training forwards then run the layers eagerly. For a process that builds several graphed models in turn (the
+        benchmark's sessions): without it, sessions that had been closed and dropped still held their memory, and a
+        later 3B session ran out of memory on an 80 GB GPU (2026-12-07).
+        """
+        for layer in self.__dict__.pop("graphed_layers", ()):
+            layer.reset()
+
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
         hidden_states = self.run_layers(hidden_states, **layer_kwargs)
