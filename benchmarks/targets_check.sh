@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU: every row of the throughput targets in ONE benchmark run (hydra_config/benchmark_targets.yaml, ~15 min;
-# benchmark_targets_80gb.yaml on an 80 GB card),
+# One GPU: every row of the throughput targets in ONE benchmark run (hydra_config/benchmark_targets.yaml;
+# benchmark_targets_80gb.yaml on an 80 GB card: 7 min 55 s on an H100, 2026-12-07),
 # longer than one device call allows, so the run is started as its own process session and outlives the call:
 #   PHASE=start OUT=/tmp/out bash benchmarks/targets_check.sh   # GPU tests (and graphed-vs-eager losses), then starts
 #                                                               # the benchmark; returns at $DEADLINE s with what
