@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -1089,7 +1090,7 @@ def dumps(report: dict[str, Any]) -> str:
 
 
 def copies_of_the_data(cfg: DictConfig, folder: Path) -> None:
-    """Point `dataset.path` at `benchmark.epoch_copies` links to each data file, made in `folder`.
+    """Point `dataset.path` at `benchmark.epoch_copies` links to each data file, made in a folder under `folder`.
 
     One epoch then holds that many copies of every protein, in one shuffle.
 
@@ -1102,13 +1103,14 @@ def copies_of_the_data(cfg: DictConfig, folder: Path) -> None:
     if copies == 1:
         return
     sources = [Path(name).resolve() for name in list_data_files(str(cfg.dataset.path))]
+    key = hashlib.sha256("\n".join(map(str, sources)).encode()).hexdigest()[:12]
+    folder = folder / f"{copies}x_{key}"  # one folder per data and count: runs share its links and datasets cache
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():  # an earlier run's links (only links: nothing else there is touched)
-        if old.is_symlink():
-            old.unlink()
     for index in range(copies):
         for source in sources:
-            (folder / f"copy{index:03d}_{source.name}").symlink_to(source)
+            link = folder / f"copy{index:03d}_{source.name}"
+            if not link.is_symlink():
+                link.symlink_to(source)
     cfg.dataset.path = str(folder)
 
 
@@ -1156,7 +1158,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     out_dir = output_dir(cfg.benchmark, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"meta": report_meta(cfg, plan, device), "rows": [], "windows": []}
-    copies_of_the_data(cfg, out_dir / "epoch_copies")
+    copies_of_the_data(cfg, RECIPE_DIR / "outputs" / "benchmark_epoch_copies")  # git-ignored; a stable path keeps
+    # the datasets cache of the copies from one run to the next
     weights = "fp32-master" if cfg.use_fp32_master_weights else "bf16-weights"
     slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["gpu"].lower()).strip("-")
     stem = out_dir / f"benchmark_{slug}_{report['meta']['date'][:10]}_{cfg.benchmark.strategy}_{weights}"
