@@ -431,12 +431,14 @@ class NVEsmEncoder(nn.Module):
     def release_cuda_graphs(self) -> None:
         """Free the captured graphs, their memory pools and static buffers (TE's ``reset`` of each graphed callable).
 
-        Training forwards then run the layers eagerly. For a process that builds several graphed models in turn (the
-        benchmark's sessions): without it, sessions that had been closed and dropped still held their memory, and a
-        later 3B session ran out of memory on an 80 GB GPU (2026-12-07).
+        Training forwards then run the layers eagerly. For a process that builds graphed models in turn (the
+        benchmark's sessions): on 2026-12-07 a graphed 3B session that followed closed 650M sessions in one process
+        ran out of memory on an 80 GB GPU with 77 GiB allocated, which it did not as the process's first session.
+        TE releases older than ``reset`` free the graphs only with the last reference to them.
         """
         for layer in self.__dict__.pop("graphed_layers", ()):
-            layer.reset()
+            if reset := getattr(layer, "reset", None):
+                reset()
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
