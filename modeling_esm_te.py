@@ -433,7 +433,7 @@ class NVEsmEncoder(nn.Module):
 
         Training forwards then run the layers eagerly. For a process that builds graphed models in turn (the
         benchmark's sessions): on 2026-12-07 a graphed 3B session that followed closed 650M sessions in one process
-        ran out of memory on an 80 GB GPU with 77 GiB allocated, which it did not as the process's first session.
+        ran out of memory on an 80 GB GPU with 77 GiB allocated, and did not in a run whose 3B groups came first.
         TE releases older than ``reset`` free the graphs only with the last reference to them.
         """
         for layer in self.__dict__.pop("graphed_layers", ()):
