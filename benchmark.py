@@ -421,11 +421,8 @@ class Session:
     windows: list[dict[str, Any]] = field(default_factory=list)
 
     def close(self) -> None:
-        """End the data stream (its loader iterator, and so its worker processes, go with it); free CUDA graphs."""
+        """End the data stream (its loader iterator, and so its worker processes, go with it)."""
         self.run.train_stream.close()
-        for module in unwrap(self.model).modules():
-            if hasattr(module, "release_cuda_graphs"):
-                module.release_cuda_graphs()
 
 
 def synchronize(device: torch.device) -> None:

@@ -428,18 +428,6 @@ class NVEsmEncoder(nn.Module):
             unwrap_capture_autocast()
         self.__dict__["graphed_layers"] = graphed  # not submodules: the state dict keeps the layers' own names
 
-    def release_cuda_graphs(self) -> None:
-        """Free the captured graphs, their memory pools and static buffers (TE's ``reset`` of each graphed callable).
-
-        Training forwards then run the layers eagerly. For a process that builds graphed models in turn (the
-        benchmark's sessions): on 2026-12-07 a graphed 3B session that followed closed 650M sessions in one process
-        ran out of memory on an 80 GB GPU with 77 GiB allocated, and did not in a run whose 3B groups came first.
-        TE releases older than ``reset`` free the graphs only with the last reference to them.
-        """
-        for layer in self.__dict__.pop("graphed_layers", ()):
-            if reset := getattr(layer, "reset", None):
-                reset()
-
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
         hidden_states = self.run_layers(hidden_states, **layer_kwargs)

@@ -17,7 +17,6 @@ from benchmark import (
     VARIANTS,
     Group,
     Plan,
-    Session,
     benchmark_groups,
     benchmark_plan,
     copies_of_the_data,
@@ -504,27 +503,3 @@ def test_benchmark_wraps_like_the_fsdp2_entrypoint_on_request(tmp_path):
     assert (profile / "esm2_t6_8M_UR50D_512_hf_padlongest_kernels.txt").stat().st_size > 0
     assert (profile / "esm2_t6_8M_UR50D_512_hf_padlongest_trace.json.gz").stat().st_size > 0
 
-
-def test_closing_a_session_releases_the_cuda_graphs_of_its_model():
-    released = []
-
-    class Encoder(torch.nn.Module):
-        def release_cuda_graphs(self):
-            released.append(self)
-
-    class Stream:
-        closed = False
-
-        def close(self):
-            Stream.closed = True
-
-    class Wrapper(torch.nn.Module):  # holds the model as DDP does
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-    encoder = Encoder()
-    model = Wrapper(torch.nn.Sequential(torch.nn.Linear(2, 2), encoder))
-    run = types.SimpleNamespace(train_stream=Stream())
-    Session(run, None, model, None, None, None).close()
-    assert Stream.closed and released == [encoder]
