@@ -502,4 +502,3 @@ def test_benchmark_wraps_like_the_fsdp2_entrypoint_on_request(tmp_path):
     profile = tmp_path / "results" / "profile"  # after the timed windows: top operators and a Chrome trace
     assert (profile / "esm2_t6_8M_UR50D_512_hf_padlongest_kernels.txt").stat().st_size > 0
     assert (profile / "esm2_t6_8M_UR50D_512_hf_padlongest_trace.json.gz").stat().st_size > 0
-

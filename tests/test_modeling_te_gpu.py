@@ -477,4 +477,3 @@ def test_a_failed_capture_does_not_switch_fp8_off_for_later_ones(te_esm, monkeyp
         model.esm.encoder.make_cuda_graphs((), 64)
     assert "__call__" not in te_esm.StaticShapeLayer.__dict__
     assert te_esm.StaticShapeLayer.__call__ is torch.nn.Module.__call__
-
