@@ -754,6 +754,22 @@ def measure_group(cfg: DictConfig, group: Group, plan: Plan, report: dict, save:
     release_memory()
 
 
+def left_after_group(group: str) -> dict[str, Any]:
+    """What a finished group left alive: GPU memory still allocated and models not collected (both should be none).
+
+    On 2026-12-07 a 3B session that followed 650M sessions ran out of memory with about 20 GiB more allocated than it
+    needs; this says, per group, whether and what stays behind.
+    """
+    alive: dict[str, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Module) and type(obj).__name__.endswith(("ForMaskedLM", "DistributedDataParallel")):
+            alive[type(obj).__name__] = alive.get(type(obj).__name__, 0) + 1
+    allocated = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    left = {"group": group, "allocated_gib": round(allocated, 2), "models_alive": alive}
+    print(f"[benchmark] left after {group}: {allocated:.2f} GiB allocated, models alive {alive or 'none'}", flush=True)
+    return left
+
+
 def session_parts(session: Session) -> tuple[Run, Any, Any, Any, Strategy]:
     return session.run, session.model, session.optimizer, session.scheduler, session.strategy
 
@@ -1168,6 +1184,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
 
     for group in benchmark_groups(cfg, plan):
         measure_group(cfg, group, plan, report, save)
+        free_cached_memory()
+        report.setdefault("left_after_groups", []).append(left_after_group(f"{group.model_tag} {group.token_budget}"))
     save()
     chart(report, stem)
     if cfg.benchmark.get("readme") and device.type == "cuda":

@@ -459,6 +459,14 @@ def test_budget_sweep_gives_a_row_per_budget_and_variant(interleaved):
 
 
 @pytest.mark.e2e
+def test_each_finished_group_leaves_no_model_alive(interleaved):
+    _, report, stdout = interleaved
+    assert [left["group"] for left in report["left_after_groups"]] == [f"esm2_t6_8M_UR50D {b}" for b in BUDGETS]
+    assert all(left["models_alive"] == {} and left["allocated_gib"] == 0 for left in report["left_after_groups"])
+    assert "left after esm2_t6_8M_UR50D 512: 0.00 GiB allocated, models alive none" in stdout
+
+
+@pytest.mark.e2e
 def test_report_names_the_host_and_writes_the_chart(interleaved):
     markdown, report, _ = interleaved
     meta = report["meta"]
