@@ -721,18 +721,12 @@ def trace_window(sessions: dict[str, Session], row: dict[str, Any], plan: Plan, 
 
 
 def measure_group(cfg: DictConfig, group: Group, plan: Plan, report: dict, save: Callable) -> None:
-    """One (model, token budget): build and warm up every variant, interleave their timed windows, then free them."""
-    model_tag, budget = group.model_tag, group.token_budget
-    sessions: dict[str, Session] = {}
-    rows: dict[str, dict[str, Any]] = {}
-    for name in group.variants:
-        rows[name], session = start_variant(cfg, model_tag, budget, name, plan)
-        report["rows"].append(rows[name])
-        if session is None:
-            free_cached_memory()
-            print(f"[benchmark] {model_tag} {budget} {name}: {rows[name]['status']} {rows[name]['reason']}", flush=True)
-        else:
-            sessions[name] = session
+    """One (model, token budget): build and warm up every variant, interleave their timed windows, then free them.
+
+    Sessions live only in `sessions` (no local name keeps one), so that releasing the group's memory at its end
+    frees every session's.
+    """
+    rows, sessions = start_group(cfg, group, plan, report)
     save()
     for repeat in range(plan.repeats):
         for name in [n for n in rows if n in sessions]:  # A B C, A B C, ...
@@ -741,17 +735,41 @@ def measure_group(cfg: DictConfig, group: Group, plan: Plan, report: dict, save:
     for name in [n for n in rows if n in sessions] if plan.busy_fraction else []:
         trace_window(sessions, rows[name], plan, report)
         save()
-    for name, session in sessions.items():
-        if group.profile:
-            prefix = output_dir(cfg.benchmark, session.run.context.device) / "profile" / f"{model_tag}_{budget}_{name}"
-            try:
-                profile_steps(*session_parts(session), prefix, int(cfg.benchmark.profile_steps))
-            except Exception as exc:  # the timed numbers stand; say why there is no profile
-                rows[name]["profile"] = failure(exc)["reason"]
-        session.close()
-    sessions.clear()
+    for name in list(sessions):
+        finish_session(cfg, group, name, sessions.pop(name), rows[name])
     shutdown_workers()
     release_memory()
+
+
+def start_group(
+    cfg: DictConfig, group: Group, plan: Plan, report: dict
+) -> tuple[dict[str, dict[str, Any]], dict[str, Session]]:
+    """Every variant's row (in the report) and, for those that built and warmed up, its live session."""
+    sessions: dict[str, Session] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in group.variants:
+        row, session = start_variant(cfg, group.model_tag, group.token_budget, name, plan)
+        rows[name] = row
+        report["rows"].append(row)
+        if session is None:
+            free_cached_memory()
+            where = f"{group.model_tag} {group.token_budget} {name}"
+            print(f"[benchmark] {where}: {row['status']} {row['reason']}", flush=True)
+        else:
+            sessions[name] = session
+    return rows, sessions
+
+
+def finish_session(cfg: DictConfig, group: Group, name: str, session: Session, row: dict[str, Any]) -> None:
+    """Profile the session if the group asks for it, then end its data stream."""
+    if group.profile:
+        stem = f"{group.model_tag}_{group.token_budget}_{name}"
+        prefix = output_dir(cfg.benchmark, session.run.context.device) / "profile" / stem
+        try:
+            profile_steps(*session_parts(session), prefix, int(cfg.benchmark.profile_steps))
+        except Exception as exc:  # the timed numbers stand; say why there is no profile
+            row["profile"] = failure(exc)["reason"]
+    session.close()
 
 
 def left_after_group(group: str) -> dict[str, Any]:
