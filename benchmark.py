@@ -228,6 +228,13 @@ class Group:
 GROUP_KEYS = ("model", "variants", "token_budgets", "profile")
 
 
+def short_budgets(bench: DictConfig, budgets: list, seq: int, key: str) -> list[str]:
+    """Budgets below `seq`, as a problem: a padded step holds at least one sequence (unless one_sequence_per_step)."""
+    if not bench.one_sequence_per_step and (small := [b for b in budgets if int(b) < seq]):
+        return [f"{key} {small} must each be >= dataset.max_seq_length ({seq})"]
+    return []
+
+
 def group_problems(bench: DictConfig, seq: int) -> list[str]:
     """What is wrong with `benchmark.groups` (a list of {model, variants, token_budgets?}), in words to act on."""
     if bench.get("groups") is None:
@@ -242,8 +249,7 @@ def group_problems(bench: DictConfig, seq: int) -> list[str]:
         if unknown := sorted(set(entry) - set(GROUP_KEYS)):
             problems.append(f"{where}: unknown keys {unknown} (known: {', '.join(GROUP_KEYS)})")
         budgets = list(entry.get("token_budgets") or bench.token_budgets or [])
-        if not bench.one_sequence_per_step and (small := [b for b in budgets if int(b) < seq]):
-            problems.append(f"{where}.token_budgets {small} must each be >= dataset.max_seq_length ({seq})")
+        problems += short_budgets(bench, budgets, seq, f"{where}.token_budgets")
         if len(set(entry.variants)) < len(entry.variants):
             problems.append(f"{where}.variants must not list an entry twice")
     return problems
@@ -278,8 +284,7 @@ def benchmark_plan(cfg: DictConfig) -> Plan:
         problems.append(f"benchmark.warmup_steps={warmup} must be 0 or more")
     if not budgets:
         problems.append("benchmark.token_budgets must list at least one token budget per step, e.g. [16384]")
-    if not bench.one_sequence_per_step and (small := [b for b in budgets if int(b) < seq]):
-        problems.append(f"benchmark.token_budgets {small} must each be >= dataset.max_seq_length ({seq})")
+    problems += short_budgets(bench, budgets, seq, "benchmark.token_budgets")
     if len(set(budgets)) < len(budgets) or len(set(bench.variants)) < len(bench.variants):
         problems.append("benchmark.token_budgets and benchmark.variants must not list an entry twice")
     copies = bench.get("epoch_copies")
@@ -1186,11 +1191,11 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     plan = benchmark_plan(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     release_memory()
+    report: dict[str, Any] = {"meta": report_meta(cfg, plan, device), "rows": [], "windows": []}
     out_dir = output_dir(cfg.benchmark, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"meta": report_meta(cfg, plan, device), "rows": [], "windows": []}
-    copies_of_the_data(cfg, RECIPE_DIR / "outputs" / "benchmark_epoch_copies")  # git-ignored; a stable path keeps
-    # the datasets cache of the copies from one run to the next
+    # git-ignored, and one path from run to run, so that the datasets cache of the copies is reused
+    copies_of_the_data(cfg, RECIPE_DIR / "outputs" / "benchmark_epoch_copies")
     weights = "fp32-master" if cfg.use_fp32_master_weights else "bf16-weights"
     slug = re.sub(r"[^a-z0-9]+", "-", report["meta"]["gpu"].lower()).strip("-")
     stem = out_dir / f"benchmark_{slug}_{report['meta']['date'][:10]}_{cfg.benchmark.strategy}_{weights}"
@@ -1201,8 +1206,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         stem.with_suffix(".md").write_text(markdown(report))
 
     for group in benchmark_groups(cfg, plan):
-        measure_group(cfg, group, plan, report, save)
-        free_cached_memory()
+        measure_group(cfg, group, plan, report, save)  # ends by releasing the group's memory
         report.setdefault("left_after_groups", []).append(left_after_group(f"{group.model_tag} {group.token_budget}"))
     save()
     chart(report, stem)
