@@ -9,9 +9,13 @@ float32, rounded once to the input's dtype; both the half-split (ESM-2) and the 
 
 TE's ``MultiheadAttention`` applies RoPE itself, so :func:`route_te_rope` makes its RoPE call dispatch on the table
 it is given: a :class:`PackedRotary` runs here, anything else (TE's own frequency tensor, e.g. under context
-parallelism or for padded batches) runs TE's kernel unchanged. Without CUDA the same rotation runs in plain torch.
+parallelism or for padded batches) runs TE's kernel unchanged. It rotates the query and the key in place, inside the
+fused QKV projection's output, so the attention is handed one packed [tokens, heads, 3, head_dim] buffer instead of
+two new tensors and a strided value (which TE copies to make contiguous), and its packed gradient needs no
+concatenation on the way back. Without CUDA the same rotation runs in plain torch.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +56,15 @@ class PackedRotary:
         """Rotate ``x`` ``[tokens, heads, head_dim]`` (any strides); differentiable."""
         return _PackedRope.apply(x, self.cos, self.sin, self.positions, interleaved)
 
+    def apply_in_place(self, x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        """Rotate ``x`` in its own memory and return it; the backward rotates its gradient back in place too.
+
+        For a query or key that is a view of a fused QKV projection no other op reads (TE's attention): q, k and v
+        then stay one packed buffer, which the attention reads as such, and its packed gradient reaches the QKV
+        projection without the copy of v and the concatenation of dq, dk and dv that separate rotated tensors cost.
+        """
+        return _PackedRopeInPlace.apply(x, self.cos, self.sin, self.positions, interleaved)
+
 
 def rotary_tables(inv_freq: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines and sines of ``position * inv_freq`` for positions ``0 .. rows - 1``, in float32 as TE computes them."""
@@ -87,14 +100,42 @@ def rotate(
 
     Returns a new contiguous tensor of ``x``'s dtype: the Triton kernel on CUDA, plain torch elsewhere.
     """
+    _check_shapes(x, cos, positions)
+    if x.is_cuda and triton is not None:
+        return _rotate_triton(
+            x, torch.empty(x.shape, dtype=x.dtype, device=x.device), cos, sin, positions, interleaved, inverse
+        )
+    return _rotate_torch(x, cos, sin, positions, interleaved, inverse)
+
+
+def rotate_(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    interleaved: bool,
+    inverse: bool = False,
+) -> torch.Tensor:
+    """:func:`rotate` written back into ``x`` (last dimension contiguous, no two elements in one place); returns ``x``.
+
+    Each Triton program reads its tile before it writes it, and no two programs share a token.
+    """
+    _check_shapes(x, cos, positions)
+    if x.stride(-1) != 1 or 0 in x.stride():
+        raise ValueError(f"in-place RoPE needs a last dimension of stride 1 and no broadcast one, got {x.stride()}")
+    if x.is_cuda and triton is not None:
+        return _rotate_triton(x, x, cos, sin, positions, interleaved, inverse)
+    # Through .data, which autograd does not version, as it does not see the kernel's writes: the same semantics.
+    x.data.copy_(_rotate_torch(x.detach(), cos, sin, positions, interleaved, inverse))
+    return x
+
+
+def _check_shapes(x: torch.Tensor, cos: torch.Tensor, positions: torch.Tensor) -> None:
     if x.dim() != 3 or x.shape[-1] != 2 * cos.shape[-1] or positions.shape != x.shape[:1]:
         raise ValueError(
             f"packed RoPE needs x [tokens, heads, 2 * {cos.shape[-1]}] and {tuple(positions.shape)} positions, got "
             f"x {tuple(x.shape)}"
         )
-    if x.is_cuda and triton is not None:
-        return _rotate_triton(x, cos, sin, positions, interleaved, inverse)
-    return _rotate_torch(x, cos, sin, positions, interleaved, inverse)
 
 
 def _rotate_torch(
@@ -129,6 +170,28 @@ class _PackedRope(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         cos, sin, positions = ctx.saved_tensors
         return rotate(grad, cos, sin, positions, ctx.interleaved, inverse=True), None, None, None, None
+
+
+class _PackedRopeInPlace(torch.autograd.Function):
+    # Not mark_dirty: x is a view that TE's SplitAlongDim (a custom Function) returned, which autograd forbids to mark
+    # modified. That is sound here because nothing saved the projection's output for its backward (TE's linear layers
+    # keep their inputs), so no saved value is overwritten.
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool
+    ) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.interleaved = interleaved
+        return rotate_(x, cos, sin, positions, interleaved).view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        cos, sin, positions = ctx.saved_tensors
+        # The attention's backward hands this gradient to this function alone, so it may be overwritten; one that
+        # cannot be written element by element (broadcast, strided last dimension) is rotated into a new tensor.
+        writable = grad.stride(-1) == 1 and 0 not in grad.stride()
+        turn = rotate_ if writable else rotate
+        return turn(grad, cos, sin, positions, ctx.interleaved, inverse=True), None, None, None, None
 
 
 if triton is not None:
@@ -195,12 +258,17 @@ _TILE_ELEMENTS = 4096
 
 
 def _rotate_triton(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool, inverse: bool
+    x: torch.Tensor,
+    out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    interleaved: bool,
+    inverse: bool,
 ) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     tokens, heads, _ = x.shape
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     half = cos.shape[-1]
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(half)
     block_t = max(1, _TILE_ELEMENTS // (block_h * block_d))
@@ -231,8 +299,16 @@ def route_te_rope() -> None:
     """Make TE's ``MultiheadAttention`` run a :class:`PackedRotary` here; its other RoPE calls are TE's as before.
 
     Idempotent. Called when the TE models are imported.
+
+    TE finds the packed layout of the rotated views by their pointers and strides and warns that this detection is
+    deprecated in favour of handing it the packed buffer, which its ``MultiheadAttention`` does only without RoPE; that
+    warning is silenced here (TE 2.20).
     """
     from transformer_engine.pytorch.attention import multi_head_attention
+
+    warnings.filterwarnings(
+        "ignore", message="Relying on pointer-based detection of packed q/k/v", category=DeprecationWarning
+    )
 
     te_apply = multi_head_attention.apply_rotary_pos_emb
     if getattr(te_apply, "routes_packed_rotary", False):
@@ -243,7 +319,7 @@ def route_te_rope() -> None:
             return te_apply(t, freqs, *args, **kwargs)
         if kwargs.get("cp_size", 1) != 1 or kwargs.get("start_positions") is not None:
             raise ValueError("PackedRotary serves whole packed sequences: context parallelism and inference use TE's")
-        return freqs.apply(t, bool(kwargs.get("interleaved", False)))
+        return freqs.apply_in_place(t, bool(kwargs.get("interleaved", False)))
 
     apply_rotary_pos_emb.routes_packed_rotary = True
     multi_head_attention.apply_rotary_pos_emb = apply_rotary_pos_emb

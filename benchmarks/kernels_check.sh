@@ -8,7 +8,8 @@
 # both650:  the same, recipe kernels vs both of TE's only (two sessions)
 # fp8650:   the same for FP8 delayed scaling (recipe's RoPE vs TE's), and BF16, with kernel profiles
 # amplify:  benchmark.py, AMPLIFY 350M: reference padded to 512, TE THD graphs with the recipe's and TE's RoPE
-#           (AMPLIFY_VARIANTS and AMPLIFY_BUDGETS override the variants and the token budgets, default 16k)
+#           (AMPLIFY_VARIANTS and AMPLIFY_BUDGETS override the variants and the token budgets, default 16k;
+#           AMPLIFY_ARGS: more benchmark.py overrides, default 10 copies of the data an epoch)
 # bench3b:  benchmark.py, 3B at 16k tokens, graphs, BF16 weights: recipe kernels vs TE's
 # norm650:  benchmark.py, 650M at 16k tokens, graphs, BF16: TE's LayerNorm kernels vs cuDNN's (norm_kernel)
 # normtests: tests/test_norm_kernel_gpu.py (metrics as JSON lines)
@@ -56,9 +57,10 @@ for part in $PARTS; do
         && variants=te_thd_graphs_fp8_delayed,te_thd_graphs_fp8_delayed_te_rope
       bench fp8650 "benchmark.models=[esm2_t33_650M_UR50D]" "benchmark.variants=[$variants]" benchmark.profile=true ;;
     amplify)
+      # shellcheck disable=SC2086  # AMPLIFY_ARGS holds several overrides
       bench amplify "benchmark.models=[amplify_350M]" tokenizer=tokenizers/amplify dataset.max_seq_length=512 \
         "benchmark.variants=[${AMPLIFY_VARIANTS:-hf_pad1024,te_thd_graphs,te_thd_graphs_te_rope}]" \
-        "benchmark.token_budgets=[${AMPLIFY_BUDGETS:-16384}]" ;;
+        "benchmark.token_budgets=[${AMPLIFY_BUDGETS:-16384}]" ${AMPLIFY_ARGS:-benchmark.epoch_copies=10} ;;
     norm650)  # cuDNN's LayerNorm kernels against TE's (two sessions: fits an 80 GB card)
       bench norm650 "benchmark.models=[esm2_t33_650M_UR50D]" "benchmark.variants=[te_thd_graphs,te_thd_graphs_cudnn_norm]" ;;
     normtests)

@@ -94,6 +94,47 @@ def test_strided_view_of_a_fused_qkv_buffer() -> None:
     assert torch.equal(out, rope.apply(query.contiguous(), interleaved=False))
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_in_place_rotation_keeps_q_k_v_one_buffer_with_the_same_gradients(interleaved: bool) -> None:
+    """Rotating q and k inside the fused QKV output gives the values and input gradient of the out-of-place rotation,
+    and gradients that arrive as views of one packed buffer leave as views of that same buffer (no concatenation)."""
+    torch.manual_seed(4)
+    tokens, heads = 10, 3
+    rope = packed_rotary(rotary_inverse_frequencies(HEAD_DIM, 10000.0), _cu_seqlens([4, 6]), tokens, 6)
+    hidden = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(heads * 3 * HEAD_DIM, 8, dtype=torch.float64)
+    upstream = torch.randn(tokens, heads, 3, HEAD_DIM, dtype=torch.float64)
+
+    def attention_inputs(in_place: bool) -> list[torch.Tensor]:
+        qkv = (hidden @ weight.T).view(tokens, heads, 3, HEAD_DIM)  # TE's interleaved per-head layout
+        q, k, v = (qkv[:, :, i, :] for i in range(3))
+        turn = rope.apply_in_place if in_place else rope.apply
+        return [turn(q, interleaved), turn(k, interleaved), v]
+
+    expected = attention_inputs(in_place=False)
+    (expected_grad,) = torch.autograd.grad(expected, hidden, [upstream[:, :, i, :] for i in range(3)])
+    ours = attention_inputs(in_place=True)
+    assert len({t.untyped_storage().data_ptr() for t in ours}) == 1  # still one [tokens, heads, 3, d] buffer
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    packed_grad = upstream.clone()  # what a packed attention backward returns: views of one dQKV
+    (grad,) = torch.autograd.grad(ours, hidden, [packed_grad[:, :, i, :] for i in range(3)])
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(packed_grad[:, :, 2], upstream[:, :, 2], rtol=0, atol=0)  # v's gradient untouched
+    turned_back = rotate(upstream[:, :, 0], *rope.tensors(), interleaved, inverse=True)
+    assert torch.equal(packed_grad[:, :, 0], turned_back)  # q's was turned back in place
+
+
+def test_in_place_gradient_that_cannot_be_written_is_rotated_into_a_new_tensor() -> None:
+    rope = packed_rotary(rotary_inverse_frequencies(HEAD_DIM, 10000.0), _cu_seqlens([5]), 5, 5)
+    x = torch.randn(5, 2, HEAD_DIM, dtype=torch.float64).clone().requires_grad_()
+    out = rope.apply_in_place(x.clone(), interleaved=False)
+    broadcast = torch.ones(1, 1, HEAD_DIM, dtype=torch.float64).expand(5, 2, HEAD_DIM)
+    (grad,) = torch.autograd.grad(out, x, broadcast)
+    torch.testing.assert_close(grad, rotate(broadcast.contiguous(), *rope.tensors(), False, inverse=True))
+    assert torch.equal(broadcast, torch.ones(5, 2, HEAD_DIM, dtype=torch.float64))
+
+
 def test_shape_mismatch_is_one_clear_error() -> None:
     rope = packed_rotary(rotary_inverse_frequencies(HEAD_DIM, 10000.0), _cu_seqlens([4]), 4, 4)
     with pytest.raises(ValueError, match="packed RoPE needs x"):

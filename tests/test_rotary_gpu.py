@@ -12,7 +12,7 @@ from gpu_checks import corrupted_batch, exact_fp32_matmuls, pack, record, rel_l2
 from test_modeling_te_gpu import SMALL, TOKENIZER_DIR, random_hf_model, te_twin
 
 from convert import rotary_inverse_frequencies
-from rotary import packed_rotary
+from rotary import packed_rotary, rotate, rotate_
 
 pytestmark = [
     pytest.mark.gpu,
@@ -71,6 +71,39 @@ def test_kernel_matches_te_fused_thd_rope(te_esm, interleaved: bool, dtype: torc
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
         if dtype == torch.bfloat16:
             assert equal > 0.99, f"{name}: only {equal:.4f} of the elements are bit-equal to TE's"
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half_split", "interleaved"])
+def test_in_place_kernel_equals_the_out_of_place_one(interleaved: bool) -> None:
+    """The Triton kernel writing back into the query view of a fused QKV buffer: bit-equal, k and v untouched."""
+    torch.manual_seed(1)
+    tokens, heads, head_dim = 4099, 15, 64  # AMPLIFY 350M's heads, a token count no tile divides
+    cu_seqlens = torch.tensor([0, 1000, 3000, tokens], device="cuda", dtype=torch.int32)
+    rope = packed_rotary(rotary_inverse_frequencies(head_dim, 10000.0, device="cuda"), cu_seqlens, tokens, 2000)
+    qkv = torch.randn(tokens, heads, 3, head_dim, device="cuda", dtype=torch.bfloat16)
+    before = qkv.clone()
+    expected = rotate(qkv[:, :, 0], *rope.tensors(), interleaved)
+    rotate_(qkv[:, :, 0], *rope.tensors(), interleaved)
+    assert torch.equal(qkv[:, :, 0], expected) and torch.equal(qkv[:, :, 1:], before[:, :, 1:])
+
+
+def test_attention_is_handed_one_packed_qkv_buffer(te_esm, packed_batch, monkeypatch) -> None:
+    """With the recipe's RoPE every layer's attention reads q, k and v as one [tokens, heads, 3, d] buffer (th3d):
+    no copy of v forward, one packed gradient backward."""
+    from transformer_engine.pytorch.attention.dot_product_attention import utils as dpa_utils
+
+    layouts = []
+    detect = dpa_utils.get_qkv_layout
+
+    def recording(*args: object, **kwargs: object) -> tuple:
+        result = detect(*args, **kwargs)
+        layouts.append(result[0])
+        return result
+
+    monkeypatch.setattr(dpa_utils, "get_qkv_layout", recording)
+    model = te_twin(te_esm, random_hf_model(SMALL), attn_input_format="thd", rope_kernel="triton")
+    step_outputs(model, packed_batch, autocast=True)
+    assert layouts == ["th3d"] * model.config.num_hidden_layers
 
 
 def step_outputs(model: torch.nn.Module, batch: dict, autocast: bool) -> dict[str, torch.Tensor | float]:
