@@ -949,7 +949,9 @@ def markdown(report: dict[str, Any], heading: str = "#") -> str:
         f"one {meta['device']}. Matmul ceilings measured in this run ({meta['ceiling_size']}³, median): {ceilings}.",
         f"Host: {meta['host_cpu']}, {meta['cpu_count']} CPU cores ({meta['cpu_affinity']} usable by this process). "
         f"GPU after the ceilings: {clocks_text(meta['gpu_clocks'])}.",
-        f"Every variant: forward + backward + fused AdamW, {meta['strategy'].upper()} on one device, BF16 compute "
+        f"Every variant: forward + backward + fused AdamW, train_{meta['strategy']}.py's model on one device"
+        + (" (one rank: no DDP wrapper)" if meta["strategy"] == "ddp" else "")
+        + ", BF16 compute "
         f"(FP32 on CPU), weights as in the row (run's default: {meta['weights']}), real protein lengths from "
         f"`{meta['dataset']}`"
         + (f" ({meta['epoch_copies']} copies an epoch)" if meta.get("epoch_copies", 1) > 1 else "")

@@ -57,10 +57,22 @@ def local_gradients(model: nn.Module) -> list[LocalGradient]:
     return parts
 
 
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The tensors grouped by dtype, for foreach kernels.
+
+    Over a list of mixed dtypes (BF16 weights beside FP32 ones) a foreach op falls back to one kernel per tensor.
+    """
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    return list(groups.values())
+
+
 def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), device=device)
-    return torch.stack([norm.float() for norm in torch._foreach_norm(tensors)]).square().sum()
+    norms = [norm for group in _by_dtype(tensors) for norm in torch._foreach_norm(group, 2, dtype=torch.float32)]
+    return torch.stack(norms).square().sum()
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -82,9 +94,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     sharded = [part.tensor for part in parts if part.sharded]
     replicated = [part.tensor for part in parts if not part.sharded]
     total = (all_reduce_sum(_sum_of_squares(sharded, device)) + _sum_of_squares(replicated, device)).sqrt()
-    grads = [grad for grad in sharded + replicated if grad.numel() > 0]
-    if grads:
-        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for group in _by_dtype([grad for grad in sharded + replicated if grad.numel() > 0]):
+        torch._foreach_mul_(group, scale)
     return total
 
 

@@ -78,3 +78,26 @@ def test_clipping_replicated_gradients_matches_torch(max_norm):
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
     for mine, reference in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-6, atol=0)
+
+
+def test_clipping_gradients_of_mixed_dtypes_uses_float32_norms():
+    """BF16 gradients beside FP32 ones (BF16 weights, FP32 norms): the norm is summed in float32 from every
+    gradient, and each gradient is scaled in its own dtype by the same factor."""
+    from parallel import clip_grad_norm_
+
+    torch.manual_seed(1)
+    model = nn.Module()
+    model.a = nn.Parameter(torch.zeros(5, 4))
+    model.b = nn.Parameter(torch.zeros(300, dtype=torch.bfloat16))
+    grads = {"a": torch.randn(5, 4), "b": torch.randn(300).to(torch.bfloat16)}
+    for name, grad in grads.items():
+        getattr(model, name).grad = grad.clone()
+    total = torch.cat([grad.double().flatten() for grad in grads.values()]).norm()
+    norm = clip_grad_norm_(model, max_norm=0.5)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), total, rtol=1e-6, atol=0)
+    scale = 0.5 / (norm + 1e-6)
+    for name, grad in grads.items():
+        clipped = getattr(model, name).grad
+        assert clipped.dtype == grad.dtype
+        torch.testing.assert_close(clipped, (grad.float() * scale).to(grad.dtype), rtol=0, atol=0)
