@@ -577,6 +577,13 @@ def profile_steps(
     def write(prof: torch.profiler.profile) -> None:
         events = prof.key_averages()
         tables = [f"Top 60 by {key}:\n{events.table(sort_by=key, row_limit=60)}" for key in dict.fromkeys(sort_keys)]
+        # The same ops told apart by their input shapes (a hidden-size copy from a parameter-size one); which code
+        # called them: benchmarks/kernel_sources.py on the trace, whose Python frames with_stack records.
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        tables.append(
+            f"Top 40 ops by {sort_keys[0]}, by input shapes:\n"
+            + by_shape.table(sort_by=sort_keys[0], row_limit=40, max_name_column_width=60, max_shapes_column_width=90)
+        )
         summary = device_busy_summary(prof, steps) if cuda else ""
         prefix.with_name(f"{prefix.name}_kernels.txt").write_text(summary + "\n\n".join(tables) + "\n")
         prof.export_chrome_trace(str(prefix.with_name(f"{prefix.name}_trace.json.gz")))
@@ -585,7 +592,9 @@ def profile_steps(
     start = int(run.cfg.num_train_steps)
     run.cfg.num_train_steps = start + 2 + steps  # 1 step skipped (an epoch restart may fall there), 1 warms it up
     schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1)
-    with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write) as prof:
+    with torch.profiler.profile(
+        activities=activities, schedule=schedule, on_trace_ready=write, record_shapes=True, with_stack=True
+    ) as prof:
         step = lambda _: bool(prof.step())  # noqa: E731  (after_step: advance the profiler's schedule, never stop)
         train_loop(run, model, optimizer, scheduler, strategy, start_step=start, after_step=step)
 

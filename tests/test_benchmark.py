@@ -506,7 +506,9 @@ def test_benchmark_wraps_like_the_fsdp2_entrypoint_on_request(tmp_path):
     (row,) = report["rows"]
     assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["weights"] == "BF16", row
     assert row["repeats"] == 1 and row["spread"] == 0.0
-    assert "FSDP2 on one device" in path.with_suffix(".md").read_text()
+    assert "train_fsdp2.py's model on one device," in path.with_suffix(".md").read_text()
     profile = tmp_path / "results" / "profile"  # after the timed windows: top operators and a Chrome trace
-    assert (profile / "esm2_t6_8M_UR50D_512_hf_padlongest_kernels.txt").stat().st_size > 0
+    kernels = (profile / "esm2_t6_8M_UR50D_512_hf_padlongest_kernels.txt").read_text()
+    by_shape = kernels.split("by input shapes:")[1]  # the ops once more, told apart by their input shapes
+    assert "Input Shapes" in by_shape and "aten::mm" in by_shape and "[512, 320]" in by_shape, by_shape[:2000]
     assert (profile / "esm2_t6_8M_UR50D_512_hf_padlongest_trace.json.gz").stat().st_size > 0
