@@ -21,7 +21,6 @@ remain by design:
 * Attention outputs at padding positions differ (TE masks padded queries too); those positions carry no loss.
 """
 
-import operator
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -412,13 +411,10 @@ class NVEsmEncoder(nn.Module):
     def make_cuda_graphs(self, sample_args: tuple[tuple[torch.Tensor, ...], ...], max_seqlen: int) -> None:
         """Capture each layer's training forward and backward in CUDA graphs (TE's ``make_graphed_callables``).
 
-        ``sample_args`` holds (input, cu_seqlens, rotary tensors...) per layer, all but the input the same tensors in
-        every layer's entry. Training forwards of packed batches shaped like them then replay the graphs, FP8 scaling
-        state included; eval-mode forwards run the layers eagerly. Parameters must not be replaced afterwards.
+        ``sample_args`` holds (input, cu_seqlens, rotary tensors...) per layer. Training forwards of packed batches
+        shaped like them then replay the graphs, FP8 scaling state included; eval-mode forwards run the layers eagerly.
+        Parameters must not be replaced afterwards.
         """
-        shared = sample_args[0][1:]
-        if any(len(args) != len(sample_args[0]) or any(map(operator.is_not, args[1:], shared)) for args in sample_args):
-            raise ValueError("every layer's sample_args must share the cu_seqlens and rotary tensors of the first")
         graphed = [StaticShapeLayer(layer, max_seqlen) for layer in self.layers]
         try:
             te.make_graphed_callables(
@@ -431,10 +427,6 @@ class NVEsmEncoder(nn.Module):
         finally:  # see unwrap_capture_autocast
             unwrap_capture_autocast()
         self.__dict__["graphed_layers"] = graphed  # not submodules: the state dict keeps the layers' own names
-        # Every layer's graph reads cu_seqlens and the rotary tensors from these same static tensors, so a batch's
-        # values are copied in once (run_layers) instead of by each layer's replay (TE copies an input whose pointer
-        # differs): 4 copies a step, not 4 a layer.
-        self.__dict__["graph_inputs"] = shared
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
@@ -447,14 +439,6 @@ class NVEsmEncoder(nn.Module):
     def run_layers(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """The layer stack under its precision plan; in training, the captured graphs once there are any."""
         graphed = self.__dict__.get("graphed_layers") if self.training else None
-        if graphed is not None:
-            static = self.__dict__["graph_inputs"]
-            given = (layer_kwargs["cu_seqlens_q"], *rotary_tensors(layer_kwargs["rotary_pos_emb"]))
-            for target, value in zip(static, given, strict=True):
-                if target.shape != value.shape:
-                    raise ValueError(f"a graphed batch input has shape {tuple(value.shape)}, not {tuple(target.shape)}")
-                if value.data_ptr() != target.data_ptr():
-                    target.copy_(value)
         outer = self.outer_recipe
         with te.autocast(enabled=outer is not None, recipe=outer, amax_reduction_group=self.fp8_group):
             for index, layer in enumerate(self.layers):
@@ -462,7 +446,8 @@ class NVEsmEncoder(nn.Module):
                     if graphed is None:
                         hidden_states = layer(hidden_states, **layer_kwargs)
                     else:
-                        hidden_states = graphed[index](hidden_states, *static)
+                        rotary = rotary_tensors(layer_kwargs["rotary_pos_emb"])
+                        hidden_states = graphed[index](hidden_states, layer_kwargs["cu_seqlens_q"], *rotary)
         return hidden_states
 
 
