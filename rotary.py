@@ -54,7 +54,7 @@ class PackedRotary:
 
     def apply(self, x: torch.Tensor, interleaved: bool) -> torch.Tensor:
         """Rotate ``x`` ``[tokens, heads, head_dim]`` (any strides); differentiable."""
-        return _PackedRope.apply(x, self.cos, self.sin, self.positions, interleaved)
+        return _PackedRope.apply(x, self.cos, self.sin, self.positions, interleaved, False)
 
     def apply_in_place(self, x: torch.Tensor, interleaved: bool) -> torch.Tensor:
         """Rotate ``x`` in its own memory and return it; the backward rotates its gradient back in place too.
@@ -63,7 +63,7 @@ class PackedRotary:
         then stay one packed buffer, which the attention reads as such, and its packed gradient reaches the QKV
         projection without the copy of v and the concatenation of dq, dk and dv that separate rotated tensors cost.
         """
-        return _PackedRopeInPlace.apply(x, self.cos, self.sin, self.positions, interleaved)
+        return _PackedRope.apply(x, self.cos, self.sin, self.positions, interleaved, True)
 
 
 def rotary_tables(inv_freq: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,40 +158,33 @@ def _rotate_torch(
 
 
 class _PackedRope(torch.autograd.Function):
+    # In place (``in_place``), not mark_dirty: x is then a view that TE's SplitAlongDim (a custom Function) returned,
+    # which autograd forbids to mark modified. That is sound because nothing saved the projection's output for its
+    # backward (TE's linear layers keep their inputs), so no saved value is overwritten.
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool
+        ctx: Any,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        interleaved: bool,
+        in_place: bool,
     ) -> torch.Tensor:
         ctx.save_for_backward(cos, sin, positions)
-        ctx.interleaved = interleaved
+        ctx.interleaved, ctx.in_place = interleaved, in_place
+        if in_place:
+            return rotate_(x, cos, sin, positions, interleaved).view_as(x)
         return rotate(x, cos, sin, positions, interleaved)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         cos, sin, positions = ctx.saved_tensors
-        return rotate(grad, cos, sin, positions, ctx.interleaved, inverse=True), None, None, None, None
-
-
-class _PackedRopeInPlace(torch.autograd.Function):
-    # Not mark_dirty: x is a view that TE's SplitAlongDim (a custom Function) returned, which autograd forbids to mark
-    # modified. That is sound here because nothing saved the projection's output for its backward (TE's linear layers
-    # keep their inputs), so no saved value is overwritten.
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool
-    ) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin, positions)
-        ctx.interleaved = interleaved
-        return rotate_(x, cos, sin, positions, interleaved).view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        cos, sin, positions = ctx.saved_tensors
-        # The attention's backward hands this gradient to this function alone, so it may be overwritten; one that
-        # cannot be written element by element (broadcast, strided last dimension) is rotated into a new tensor.
-        writable = grad.stride(-1) == 1 and 0 not in grad.stride()
+        # In place, the attention's backward hands this gradient to this function alone, so it may be overwritten;
+        # one that cannot be written element by element (broadcast, strided last dimension) goes into a new tensor.
+        writable = ctx.in_place and grad.stride(-1) == 1 and 0 not in grad.stride()
         turn = rotate_ if writable else rotate
-        return turn(grad, cos, sin, positions, ctx.interleaved, inverse=True), None, None, None, None
+        return turn(grad, cos, sin, positions, ctx.interleaved, inverse=True), None, None, None, None, None
 
 
 if triton is not None:

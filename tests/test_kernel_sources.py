@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
-import pytest
+from benchmarks import kernel_sources
 
-RECIPE = Path(__file__).resolve().parents[1]
 MAIN, AUTOGRAD = 11, 12  # host threads: the Python one, and one of autograd's
-
-
-@pytest.fixture(scope="module")
-def kernel_sources():
-    spec = importlib.util.spec_from_file_location("kernel_sources", RECIPE / "benchmarks" / "kernel_sources.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def span(cat: str, name: str, tid: int, ts: float, dur: float, correlation: int | None = None) -> dict:
@@ -28,7 +18,7 @@ def span(cat: str, name: str, tid: int, ts: float, dur: float, correlation: int 
     return event
 
 
-def test_kernels_are_summed_by_the_code_that_launched_them(kernel_sources, tmp_path: Path) -> None:
+def test_kernels_are_summed_by_the_code_that_launched_them(tmp_path: Path) -> None:
     events = [
         # forward: two residual adds from the same frame, called through torch's module plumbing
         span("python_function", "transformer_engine/pytorch/transformer.py(1033): _bias_dropout_add", MAIN, 0, 100),
