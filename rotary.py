@@ -95,47 +95,30 @@ def rotate(
     positions: torch.Tensor,
     interleaved: bool,
     inverse: bool = False,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """RoPE of ``x`` ``[tokens, heads, head_dim]`` (``inverse``: by minus the angles, which is its gradient).
 
-    Returns a new contiguous tensor of ``x``'s dtype: the Triton kernel on CUDA, plain torch elsewhere.
+    Returns a new contiguous tensor of ``x``'s dtype (the Triton kernel on CUDA, plain torch elsewhere), or with
+    ``in_place`` ``x`` itself, rotated in its own memory (last dimension contiguous, no broadcast dimension): each
+    Triton program reads its tile before it writes it, and no two programs share a token.
     """
-    _check_shapes(x, cos, positions)
-    if x.is_cuda and triton is not None:
-        return _rotate_triton(
-            x, torch.empty(x.shape, dtype=x.dtype, device=x.device), cos, sin, positions, interleaved, inverse
-        )
-    return _rotate_torch(x, cos, sin, positions, interleaved, inverse)
-
-
-def rotate_(
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-    interleaved: bool,
-    inverse: bool = False,
-) -> torch.Tensor:
-    """:func:`rotate` written back into ``x`` (last dimension contiguous, no two elements in one place); returns ``x``.
-
-    Each Triton program reads its tile before it writes it, and no two programs share a token.
-    """
-    _check_shapes(x, cos, positions)
-    if x.stride(-1) != 1 or 0 in x.stride():
-        raise ValueError(f"in-place RoPE needs a last dimension of stride 1 and no broadcast one, got {x.stride()}")
-    if x.is_cuda and triton is not None:
-        return _rotate_triton(x, x, cos, sin, positions, interleaved, inverse)
-    # Through .data, which autograd does not version, as it does not see the kernel's writes: the same semantics.
-    x.data.copy_(_rotate_torch(x.detach(), cos, sin, positions, interleaved, inverse))
-    return x
-
-
-def _check_shapes(x: torch.Tensor, cos: torch.Tensor, positions: torch.Tensor) -> None:
     if x.dim() != 3 or x.shape[-1] != 2 * cos.shape[-1] or positions.shape != x.shape[:1]:
         raise ValueError(
             f"packed RoPE needs x [tokens, heads, 2 * {cos.shape[-1]}] and {tuple(positions.shape)} positions, got "
             f"x {tuple(x.shape)}"
         )
+    if in_place and (x.stride(-1) != 1 or 0 in x.stride()):
+        raise ValueError(f"in-place RoPE needs a last dimension of stride 1 and no broadcast one, got {x.stride()}")
+    if x.is_cuda and triton is not None:
+        out = x if in_place else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return _rotate_triton(x, out, cos, sin, positions, interleaved, inverse)
+    rotated = _rotate_torch(x.detach() if in_place else x, cos, sin, positions, interleaved, inverse)
+    if not in_place:
+        return rotated
+    # Through .data, which autograd does not version, as it does not see the kernel's writes: the same semantics.
+    x.data.copy_(rotated)
+    return x
 
 
 def _rotate_torch(
@@ -173,9 +156,8 @@ class _PackedRope(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(cos, sin, positions)
         ctx.interleaved, ctx.in_place = interleaved, in_place
-        if in_place:
-            return rotate_(x, cos, sin, positions, interleaved).view_as(x)
-        return rotate(x, cos, sin, positions, interleaved)
+        out = rotate(x, cos, sin, positions, interleaved, in_place=in_place)
+        return out.view_as(x) if in_place else out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -183,8 +165,8 @@ class _PackedRope(torch.autograd.Function):
         # In place, the attention's backward hands this gradient to this function alone, so it may be overwritten;
         # one that cannot be written element by element (broadcast, strided last dimension) goes into a new tensor.
         writable = ctx.in_place and grad.stride(-1) == 1 and 0 not in grad.stride()
-        turn = rotate_ if writable else rotate
-        return turn(grad, cos, sin, positions, ctx.interleaved, inverse=True), None, None, None, None, None
+        rotated = rotate(grad, cos, sin, positions, ctx.interleaved, inverse=True, in_place=writable)
+        return rotated, None, None, None, None, None
 
 
 if triton is not None:
@@ -299,13 +281,12 @@ def route_te_rope() -> None:
     """
     from transformer_engine.pytorch.attention import multi_head_attention
 
-    warnings.filterwarnings(
-        "ignore", message="Relying on pointer-based detection of packed q/k/v", category=DeprecationWarning
-    )
-
     te_apply = multi_head_attention.apply_rotary_pos_emb
     if getattr(te_apply, "routes_packed_rotary", False):
         return
+    warnings.filterwarnings(
+        "ignore", message="Relying on pointer-based detection of packed q/k/v", category=DeprecationWarning
+    )
 
     def apply_rotary_pos_emb(t: torch.Tensor, freqs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not isinstance(freqs, PackedRotary):

@@ -139,3 +139,6 @@ def test_shape_mismatch_is_one_clear_error() -> None:
     rope = packed_rotary(rotary_inverse_frequencies(HEAD_DIM, 10000.0), _cu_seqlens([4]), 4, 4)
     with pytest.raises(ValueError, match="packed RoPE needs x"):
         rope.apply(torch.randn(4, 2, HEAD_DIM + 2), interleaved=False)
+    broadcast = torch.randn(1, 2, HEAD_DIM).expand(4, 2, HEAD_DIM)  # four tokens sharing one row's memory
+    with pytest.raises(ValueError, match="in-place RoPE needs a last dimension of stride 1 and no broadcast one"):
+        rotate(broadcast, *rope.tensors(), False, in_place=True)

@@ -12,7 +12,7 @@ from gpu_checks import corrupted_batch, exact_fp32_matmuls, pack, record, rel_l2
 from test_modeling_te_gpu import SMALL, TOKENIZER_DIR, random_hf_model, te_twin
 
 from convert import rotary_inverse_frequencies
-from rotary import packed_rotary, rotate, rotate_
+from rotary import packed_rotary, rotate
 
 pytestmark = [
     pytest.mark.gpu,
@@ -83,7 +83,7 @@ def test_in_place_kernel_equals_the_out_of_place_one(interleaved: bool) -> None:
     qkv = torch.randn(tokens, heads, 3, head_dim, device="cuda", dtype=torch.bfloat16)
     before = qkv.clone()
     expected = rotate(qkv[:, :, 0], *rope.tensors(), interleaved)
-    rotate_(qkv[:, :, 0], *rope.tensors(), interleaved)
+    rotate(qkv[:, :, 0], *rope.tensors(), interleaved, in_place=True)
     assert torch.equal(qkv[:, :, 0], expected) and torch.equal(qkv[:, :, 1:], before[:, :, 1:])
 
 
