@@ -21,6 +21,7 @@ remain by design:
 * Attention outputs at padding positions differ (TE masks padded queries too); those positions carry no loss.
 """
 
+import itertools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -284,43 +285,51 @@ class EsmTransformerLayer(te.TransformerLayer):
         return F.dropout(tensor, p=self.hidden_dropout, training=self.training)
 
 
-class StaticShapeLayer(nn.Module):
-    """A transformer layer called with tensors only, as CUDA-graph capture needs.
+class StaticShapeLayers(nn.Module):
+    """Consecutive transformer layers called with tensors only, as CUDA-graph capture needs, captured as one graph.
 
     Its inputs are the packed hidden states, ``cu_seqlens`` and the rotary tensors: TE's frequency table, or the
     three tensors of a ``rotary.PackedRotary``. The fixed ``max_seqlen`` of static batches is an attribute.
+
+    One graph per run of layers, not per layer: a replay first copies its inputs into the graph's own buffers, and the
+    backward its output gradient, so graphs of single layers copied every layer's hidden states, their gradient and
+    the rotary tensors once more per step (~400 device copies and as many host calls per step, 2.6% of the GPU time
+    of AMPLIFY 350M's FP8 step on an H100, 2026-12-07).
     """
 
-    def __init__(self, layer: nn.Module, max_seqlen: int) -> None:
+    def __init__(self, layers: list[nn.Module], max_seqlen: int) -> None:
         super().__init__()
-        self.layer, self.max_seqlen = layer, max_seqlen
+        self.layers, self.max_seqlen = nn.ModuleList(layers), max_seqlen
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, *rotary: torch.Tensor) -> torch.Tensor:
-        return self.layer(
-            hidden_states,
-            attention_mask=None,
-            rotary_pos_emb=rotary[0] if len(rotary) == 1 else PackedRotary(*rotary),
-            cu_seqlens_q=cu_seqlens,
-            cu_seqlens_kv=cu_seqlens,
-            max_seqlen_q=self.max_seqlen,
-            max_seqlen_kv=self.max_seqlen,
-        )
+        rotary_pos_emb = rotary[0] if len(rotary) == 1 else PackedRotary(*rotary)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=None,
+                rotary_pos_emb=rotary_pos_emb,
+                cu_seqlens_q=cu_seqlens,
+                cu_seqlens_kv=cu_seqlens,
+                max_seqlen_q=self.max_seqlen,
+                max_seqlen_kv=self.max_seqlen,
+            )
+        return hidden_states
 
 
 def unwrap_capture_autocast() -> None:
-    """Give ``StaticShapeLayer`` back its own ``__call__`` after a capture, also one that failed.
+    """Give ``StaticShapeLayers`` back its own ``__call__`` after a capture, also one that failed.
 
     TE's ``make_graphed_callables`` replaces the class's ``__call__`` by one that enters its FP8 autocast for the
     modules being captured (disabled for any other), and restores it only when the capture succeeds. After a capture
     that raised (out of memory, say) every later capture in the process would then run with FP8 off: a benchmark
     session after an OOM one measured FP8 at exactly the BF16 speed (H100, 2026-12-07).
     """
-    if "__call__" in StaticShapeLayer.__dict__:
-        del StaticShapeLayer.__call__
+    if "__call__" in StaticShapeLayers.__dict__:
+        del StaticShapeLayers.__call__
 
 
 def rotary_tensors(rotary: Any) -> tuple[torch.Tensor, ...]:
-    """The tensors a ``StaticShapeLayer`` takes for a layer's ``rotary_pos_emb``."""
+    """The tensors ``StaticShapeLayers`` takes for the layers' ``rotary_pos_emb``."""
     return rotary.tensors() if isinstance(rotary, PackedRotary) else (rotary,)
 
 
@@ -408,25 +417,31 @@ class NVEsmEncoder(nn.Module):
         """Whether the layer runs quantised (FP8 or NVFP4) under the outer recipe, as CUDA graphs capture it."""
         return self.layer_recipe(layer_number) is not None
 
-    def make_cuda_graphs(self, sample_args: tuple[tuple[torch.Tensor, ...], ...], max_seqlen: int) -> None:
-        """Capture each layer's training forward and backward in CUDA graphs (TE's ``make_graphed_callables``).
+    def precision_runs(self) -> list[list[nn.Module]]:
+        """The layers as runs of consecutive layers under one recipe (one run unless the plan mixes precisions)."""
+        runs = itertools.groupby(self.layers, key=lambda layer: self.layer_recipe(layer.layer_number))
+        return [list(run) for _, run in runs]
 
-        ``sample_args`` holds (input, cu_seqlens, rotary tensors...) per layer. Training forwards of packed batches
+    def make_cuda_graphs(self, sample_args: tuple[tuple[torch.Tensor, ...], ...], max_seqlen: int) -> None:
+        """Capture the training forward and backward of each of ``precision_runs`` in CUDA graphs (TE's capture).
+
+        ``sample_args`` holds (input, cu_seqlens, rotary tensors...) per run. Training forwards of packed batches
         shaped like them then replay the graphs, FP8 scaling state included; eval-mode forwards run the layers eagerly.
         Parameters must not be replaced afterwards.
         """
-        graphed = [StaticShapeLayer(layer, max_seqlen) for layer in self.layers]
+        runs = self.precision_runs()
+        graphed = [StaticShapeLayers(run, max_seqlen) for run in runs]
         try:
             te.make_graphed_callables(
                 tuple(graphed),
                 sample_args,
-                enabled=tuple(self.layer_uses_fp8(layer.layer_number) for layer in self.layers),
+                enabled=tuple(self.layer_uses_fp8(run[0].layer_number) for run in runs),
                 recipe=self.outer_recipe,
                 amax_reduction_group=self.fp8_group,
             )
         finally:  # see unwrap_capture_autocast
             unwrap_capture_autocast()
-        self.__dict__["graphed_layers"] = graphed  # not submodules: the state dict keeps the layers' own names
+        self.__dict__["graphed_runs"] = graphed  # not submodules: the state dict keeps the layers' own names
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """Run all layers (``layer_kwargs`` go to every ``TransformerLayer``) and the final LayerNorm."""
@@ -438,16 +453,18 @@ class NVEsmEncoder(nn.Module):
 
     def run_layers(self, hidden_states: torch.Tensor, **layer_kwargs: Any) -> torch.Tensor:
         """The layer stack under its precision plan; in training, the captured graphs once there are any."""
-        graphed = self.__dict__.get("graphed_layers") if self.training else None
+        graphed = self.__dict__.get("graphed_runs") if self.training else None
         outer = self.outer_recipe
         with te.autocast(enabled=outer is not None, recipe=outer, amax_reduction_group=self.fp8_group):
-            for index, layer in enumerate(self.layers):
+            if graphed is not None:
+                args = (layer_kwargs["cu_seqlens_q"], *rotary_tensors(layer_kwargs["rotary_pos_emb"]))
+                for run in graphed:
+                    with self._layer_precision(run.layers[0].layer_number):
+                        hidden_states = run(hidden_states, *args)
+                return hidden_states
+            for layer in self.layers:
                 with self._layer_precision(layer.layer_number):
-                    if graphed is None:
-                        hidden_states = layer(hidden_states, **layer_kwargs)
-                    else:
-                        rotary = rotary_tensors(layer_kwargs["rotary_pos_emb"])
-                        hidden_states = graphed[index](hidden_states, layer_kwargs["cu_seqlens_q"], *rotary)
+                    hidden_states = layer(hidden_states, **layer_kwargs)
         return hidden_states
 
 
@@ -497,11 +514,11 @@ class NVEsmModel(nn.Module):
         cu_seqlens[: len(bounds)] = bounds
         cu_seqlens = cu_seqlens.to(weight.device)
         rotary = rotary_tensors(self.packed_rotary(cu_seqlens, tokens, max_seqlen))
-        # What each layer is given in training: the embeddings' output, then the previous layer's (the compute dtype,
-        # or FP32 with an FP32 residual stream, an ESM-2-only option).
+        # What each run of layers is given in training: the embeddings' output, then the previous run's (the compute
+        # dtype, or FP32 with an FP32 residual stream, an ESM-2-only option).
         fp32_residual = getattr(self.config, "fp32_residual_connection", False)
         between = torch.float32 if fp32_residual else (autocast_dtype or weight.dtype)
-        dtypes = [weight.dtype] + [between] * (self.config.num_hidden_layers - 1)
+        dtypes = [weight.dtype] + [between] * (len(self.encoder.precision_runs()) - 1)
         sample_args = tuple(
             (
                 torch.randn(tokens, self.config.hidden_size, device=weight.device, dtype=dtype, requires_grad=True),

@@ -464,7 +464,7 @@ def test_fp8_primary_weights_train_with_fresh_transposes(te_esm, bshd_batch) -> 
 
 
 def test_a_failed_capture_does_not_switch_fp8_off_for_later_ones(te_esm, monkeypatch) -> None:
-    """TE's capture patches StaticShapeLayer.__call__ with its FP8 autocast and undoes it only on success; after a
+    """TE's capture patches StaticShapeLayers.__call__ with its FP8 autocast and undoes it only on success; after a
     capture that raised, the encoder undoes it itself (else later captures in the process ran with FP8 off)."""
 
     def capture_that_runs_out_of_memory(modules, *args, **kwargs):
@@ -475,5 +475,19 @@ def test_a_failed_capture_does_not_switch_fp8_off_for_later_ones(te_esm, monkeyp
     monkeypatch.setattr(te_esm.te, "make_graphed_callables", capture_that_runs_out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         model.esm.encoder.make_cuda_graphs((), 64)
-    assert "__call__" not in te_esm.StaticShapeLayer.__dict__
-    assert te_esm.StaticShapeLayer.__call__ is torch.nn.Module.__call__
+    assert "__call__" not in te_esm.StaticShapeLayers.__dict__
+    assert te_esm.StaticShapeLayers.__call__ is torch.nn.Module.__call__
+
+
+def test_graphs_capture_each_run_of_layers_under_one_recipe_as_one(te_esm) -> None:
+    """One graph per run of layers with the same precision, so replays copy no hidden states between layers; a plan
+    with BF16 first and last layers is three runs, the middle one FP8."""
+    from transformer_engine.common.recipe import Float8CurrentScaling
+
+    model = te_twin(te_esm, random_hf_model(SMALL), attn_input_format="thd", fp8_layers=[2, 3, 4, 5])
+    encoder = model.esm.encoder
+    assert [len(run) for run in encoder.precision_runs()] == [6]  # BF16 throughout: one graph
+    encoder.fp8_recipe = Float8CurrentScaling()
+    runs = encoder.precision_runs()
+    assert [[layer.layer_number for layer in run] for run in runs] == [[1], [2, 3, 4, 5], [6]]
+    assert [encoder.layer_uses_fp8(run[0].layer_number) for run in runs] == [False, True, False]

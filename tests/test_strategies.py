@@ -344,10 +344,15 @@ def test_dockerfile_keeps_the_images_torch_and_transformer_engine():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and TransformerEngine")
 @pytest.mark.parametrize(
-    ("config_name", "precision"),
-    [("L0_sanity", "bf16"), ("L0_sanity", "fp8_current"), ("L0_sanity_amplify", "bf16")],
+    ("config_name", "precision", "plan"),
+    [
+        ("L0_sanity", "bf16", []),
+        ("L0_sanity", "fp8_current", []),
+        ("L0_sanity", "fp8_current", ["fp8_layers=[2,3,4,5]"]),  # three graphs: BF16, FP8, BF16 layers
+        ("L0_sanity_amplify", "bf16", []),
+    ],
 )
-def test_cuda_graphed_training_gives_the_eager_losses(tmp_path, config_name, precision):
+def test_cuda_graphed_training_gives_the_eager_losses(tmp_path, config_name, precision, plan):
     """train_ddp.py with cuda_graphs=true against the same static-shape run without graphs, ESM-2 and AMPLIFY.
 
     The first two steps match bit for bit (the same kernels on the same weights and batches); after that the runs
@@ -364,6 +369,7 @@ def test_cuda_graphed_training_gives_the_eager_losses(tmp_path, config_name, pre
                 "--config-name",
                 config_name,
                 f"precision={precision}",
+                *plan,
                 "use_te=true",
                 "use_sequence_packing=true",
                 mode,
