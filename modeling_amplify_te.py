@@ -40,6 +40,7 @@ from modeling_esm_te import (
     TEMaskedLM,
     _resolve_device,
     check_layer_plan,
+    construction_draws_kept_apart,
     load_te_state_dict,
 )
 from norm_kernel import check_norm_kernel
@@ -239,17 +240,18 @@ class NVAmplifyForMaskedLM(TEMaskedLM):
         self.config = config
         resolved = _resolve_device(device)
         dtype = PARAMS_DTYPES[config.params_dtype]
-        self.amplify = NVAmplifyModel(config, resolved, dtype, fp8_weights_recipe)
-        self.decoder = te.LayerNormLinear(
-            config.hidden_size,
-            te_vocab_rows(config),
-            eps=config.norm_eps,
-            bias=True,
-            normalization="RMSNorm",
-            init_method=_uniform_init(config.decoder_init_range),
-            params_dtype=dtype,
-            device="meta" if resolved.type == "meta" else resolved,
-        )
+        with construction_draws_kept_apart(resolved):  # one seed, the weights of a meta-device build
+            self.amplify = NVAmplifyModel(config, resolved, dtype, fp8_weights_recipe)
+            self.decoder = te.LayerNormLinear(
+                config.hidden_size,
+                te_vocab_rows(config),
+                eps=config.norm_eps,
+                bias=True,
+                normalization="RMSNorm",
+                init_method=_uniform_init(config.decoder_init_range),
+                params_dtype=dtype,
+                device="meta" if resolved.type == "meta" else resolved,
+            )
         if resolved.type != "meta":
             self.init_weights()
 

@@ -171,6 +171,17 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device)
 
 
+def construction_draws_kept_apart(device: torch.device) -> AbstractContextManager:
+    """Around building the modules in place: what they draw for themselves leaves the random generators untouched.
+
+    Built in place, TE's layers and torch's embeddings and linear layers draw their own initial values, which
+    ``init_weights`` then replaces; built on the meta device (FSDP2, Megatron-FSDP), nothing is drawn before
+    ``init_weights``. Without this the two started ``init_weights`` from different generator states, so one seed
+    gave DDP other initial weights than FSDP2.
+    """
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def _normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """ESM initialisation for every linear weight, including output projections (no depth scaling)."""
 
@@ -724,8 +735,9 @@ class NVEsmForMaskedLM(TEMaskedLM):
         self.config = config
         resolved = _resolve_device(device)
         dtype = PARAMS_DTYPES[config.params_dtype]
-        self.esm = NVEsmModel(config, resolved, dtype, fp8_weights_recipe)
-        self.lm_head = NVEsmLMHead(config, resolved, dtype)
+        with construction_draws_kept_apart(resolved):
+            self.esm = NVEsmModel(config, resolved, dtype, fp8_weights_recipe)
+            self.lm_head = NVEsmLMHead(config, resolved, dtype)
         self.tie_weights()
         if resolved.type != "meta":
             self.init_weights()
