@@ -2,6 +2,7 @@
 #
 #   make train    # install what is missing, then train L0_sanity (8M model, shipped sample, 100 steps)
 #   make test     # the test suite (GPU tests skip themselves without CUDA and TransformerEngine)
+#   make test-gpu # on a GPU host with TransformerEngine: every GPU test (`-m gpu`) on one GPU
 #
 # Without an active virtual or conda environment everything goes into ./.venv, which also sees the system's packages
 # (an NGC container's torch and TransformerEngine are used, not reinstalled). Where no NVIDIA GPU is visible, torch
@@ -18,8 +19,13 @@ STAMP := $(if $(ACTIVE_ENV),$(ACTIVE_ENV),$(VENV))/.esm2-recipe-installed
 # pytest-xdist processes for `make test`; each test file stays on one (its module fixtures, the SLURM cluster)
 TEST_WORKERS ?= 2
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+# `make test-gpu` uses the Python that has TransformerEngine (an NGC container's, the active environment's, else
+# .venv's): it installs nothing. Its workers share the one GPU; tests that share a run stay on one worker (loadgroup).
+# NVIDIA_TF32_OVERRIDE=0: FP32 GEMMs are true FP32, what the FP32 references of the GPU tests assume.
+GPU_PY := $(if $(ACTIVE_ENV),python,$(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON)))
+GPU_TEST_WORKERS ?= 6
 
-.PHONY: install train test lint
+.PHONY: install train test test-gpu lint
 
 install: $(STAMP)
 
@@ -42,6 +48,9 @@ train: install
 
 test: install
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+test-gpu:
+	$(TEST_ENV) NVIDIA_TF32_OVERRIDE=0 $(GPU_PY) -m pytest -m gpu -q -n $(GPU_TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(PY) -m ruff check .

@@ -74,3 +74,60 @@ def pack(batch: dict[str, torch.Tensor], pad_token_id: int, multiple: int = 16) 
         "cu_seqlens": boundaries.to(device=input_ids.device, dtype=torch.int32),
         "max_seqlen": max(*lengths, padding),
     }
+
+
+def packed_batches(
+    tokenizer_dir: Path, count: int, tokens: int, multiple: int = 128, max_length: int = 512, seed: int = 0
+) -> list[dict[str, torch.Tensor | int]]:
+    """`count` packed (thd) batches of real proteins, each at most `tokens` tokens before a trailing padding segment
+    that makes the count a multiple of `multiple` (128 serves every FP8 recipe); the proteins are cropped to
+    `max_length` tokens and follow each other through the sample, 15% of residues seeded-selected for the loss
+    (80% <mask>, 10% a random residue, 10% kept). On CPU."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    proteins = [ids[:max_length] for ids in tokenizer(read_fasta_sequences(1000))["input_ids"]]
+    special = torch.tensor(tokenizer.all_special_ids)
+    residues = torch.tensor(sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids)))
+    generator = torch.Generator().manual_seed(seed)
+    batches, cursor = [], 0
+    for _ in range(count):
+        pack, used = [], 0
+        while used + len(proteins[cursor % len(proteins)]) <= tokens:
+            pack.append(torch.tensor(proteins[cursor % len(proteins)]))
+            used += len(pack[-1])
+            cursor += 1
+        padding = -used % multiple
+        ids = torch.cat([*pack, torch.full((padding,), tokenizer.pad_token_id)])
+        selected = (torch.rand(ids.shape, generator=generator) < 0.15) & ~torch.isin(ids, special)
+        action = torch.rand(ids.shape, generator=generator)
+        random_residues = residues[torch.randint(len(residues), ids.shape, generator=generator)]
+        corrupted = torch.where(selected & (action < 0.8), tokenizer.mask_token_id, ids)
+        corrupted = torch.where(selected & (action >= 0.8) & (action < 0.9), random_residues, corrupted)
+        lengths = [len(p) for p in pack] + ([padding] if padding else [])
+        batches.append(
+            {
+                "input_ids": corrupted[None],
+                "labels": torch.where(selected, ids, -100)[None],
+                "cu_seqlens": torch.tensor([0, *lengths]).cumsum(0).to(torch.int32),
+                "max_seqlen": max(lengths),
+            }
+        )
+    return batches
+
+
+def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a run's exported final model (`<ckpt_dir>/final_model`), in FP32 on the CPU."""
+    from safetensors.torch import load_file
+
+    files = sorted((Path(ckpt_dir) / "final_model").glob("*.safetensors"))
+    assert files, f"no exported final model in {ckpt_dir}"
+    return {name: tensor.float() for file in files for name, tensor in load_file(file).items()}
+
+
+def weights_difference(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float | str]:
+    """Relative L2 difference of two sets of the same weights: all together, and the worst tensor with its name."""
+    assert actual.keys() == expected.keys()
+    names = [name for name in expected if expected[name].norm() > 0]
+    per_tensor = {name: rel_l2(actual[name], expected[name]) for name in names}
+    worst = max(per_tensor, key=per_tensor.get)
+    flat = [torch.cat([weights[name].flatten() for name in names]) for weights in (actual, expected)]
+    return {"all_weights_rel_l2": rel_l2(*flat), "worst_tensor_rel_l2": per_tensor[worst], "worst_tensor": worst}
