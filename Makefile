@@ -23,7 +23,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 # .venv's): it installs nothing. Its workers share the one GPU; tests that share a run stay on one worker (loadgroup).
 # NVIDIA_TF32_OVERRIDE=0: FP32 GEMMs are true FP32, what the FP32 references of the GPU tests assume.
 GPU_PY := $(if $(ACTIVE_ENV),python,$(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON)))
-GPU_TEST_WORKERS ?= 6
+GPU_TEST_WORKERS ?= 8
 
 .PHONY: install train test test-gpu lint
 
