@@ -1,4 +1,4 @@
-"""FP8 against BF16 on real proteins, with bounds taken from measured noise, and each check shown to reject a broken
+"""FP8 against BF16 on real proteins, with bounds derived from the FP8 error, and each check shown to reject a broken
 FP8 path on every run.
 
 Run on a CUDA machine with TransformerEngine:  NVIDIA_TF32_OVERRIDE=0 python -m pytest tests/test_fp8_gpu.py -q -s
@@ -35,21 +35,23 @@ RECIPES = ("fp8_delayed", "fp8_current", "fp8_block")
 BROKEN_LAYER = 3  # of the 8M model's 6 layers
 LOSS_STEPS, LOSS_TOKENS = 100, 4096
 
-# Bounds: k x the error measured for the working FP8 recipe (one H100, TE 2.20.2, NVIDIA_TF32_OVERRIDE=0), with k
-# chosen between that and the smallest error of a broken path. The measured figures, per recipe
-# (delayed / current / block):
-#   logits vs BF16: see MEASURED below; BF16 itself vs FP32 for scale.
-# Each bound is recorded next to what it was derived from when the test runs, so a drift in TE shows up in the log.
-MEASURED = {  # the FP8 error against BF16 on this batch, from which each bound is derived
-    "logits": {"fp8_delayed": 0.03, "fp8_current": 0.03, "fp8_block": 0.03},
-    "layer_grads": {"fp8_delayed": 0.15, "fp8_current": 0.15, "fp8_block": 0.15},
-    "loss": {"fp8_delayed": 0.01, "fp8_current": 0.01, "fp8_block": 0.01},
+# How each bound is derived: bound = FACTOR x the error of the working FP8 recipe against BF16 on the same batch (the
+# FP8 error is several times BF16's own error against FP32, which each run records beside it for scale), with FACTOR
+# small enough that every broken path's error stays above the bound; the test asserts that on every run.
+# PROVISIONAL: no GPU was available when these tests were written, so FP8_ERROR holds estimates, not measurements.
+# The first GPU run records the measured figures ("fp8_vs_bf16_step[...]" and "fp8_vs_bf16_training[...]" in
+# GPU_METRICS_FILE: the working recipe, each broken path, BF16 vs FP32 and a BF16 rerun); they replace these numbers,
+# with the card and the TE version they came from.
+FP8_ERROR = {  # the FP8 error against BF16 from which each bound is derived
+    "logits": {"fp8_delayed": 0.03, "fp8_current": 0.03, "fp8_block": 0.03},  # relative L2, real tokens' logits
+    "layer_grads": {"fp8_delayed": 0.15, "fp8_current": 0.15, "fp8_block": 0.15},  # relative L2, worst layer
+    "loss": {"fp8_delayed": 0.01, "fp8_current": 0.01, "fp8_block": 0.01},  # relative, worst of LOSS_STEPS steps
 }
 FACTOR = {"logits": 2.0, "layer_grads": 2.0, "loss": 2.0}
 
 
 def bound(check: str, recipe: str) -> float:
-    return FACTOR[check] * MEASURED[check][recipe]
+    return FACTOR[check] * FP8_ERROR[check][recipe]
 
 
 def leave_out_layer(model: torch.nn.Module) -> None:
