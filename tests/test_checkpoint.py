@@ -124,7 +124,7 @@ def test_killed_mid_write_resumes_from_the_previous_checkpoint(tmp_path):
     # 10 steps instead of 9: the schedule change is named, and the rate goes on from step 6's (still warming up)
     assert "schedule differs from the checkpoint's (num_train_steps 9 -> 10)" in again.stdout + again.stderr
     lrs = {m["step"]: m["train/lr"] for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
-    assert lrs[7] == pytest.approx(7e-4) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[7] == pytest.approx(7e-4) and lrs[9] == pytest.approx(9e-4)
 
 
 @pytest.mark.e2e
@@ -299,7 +299,8 @@ def test_a_nan_loss_stops_the_run_and_the_last_good_checkpoint_stays_newest(tmp_
     result = launch(args, tmp_path, env={"PROBE_NAN_AT_STEP": "5"})
     assert result.returncode != 0
     log = result.stdout + result.stderr
-    assert "NonFiniteTrainingError: Training diverged: the loss or gradient norm became NaN or infinite between " in log
+    assert result.returncode == 1 and "Traceback" not in log  # a refusal: its message alone
+    assert "Training diverged: the loss or gradient norm became NaN or infinite between " in log
     assert "steps 4 and 6 (read at step 6" in log
     assert [step for step, _ in list_checkpoints(ckpt_dir)] == [4, 2]  # step 6, due to be saved, was not
     assert verify_manifest(ckpt_dir / "step_0000004") is None
