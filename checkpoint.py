@@ -39,14 +39,15 @@ from torch.distributed.tensor import DTensor
 
 from convert import EXTRA_STATE_SUFFIX
 from distributed import STOP_SIGNALS, DistributedContext, all_gather_object, any_rank
+from errors import RecipeError
 from parallel import plain_name
 from precision import PrecisionPlan
+from safe_pickle import safe_storage_reader, te_extra_state, te_pickle_allowed
 
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
-TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 
 
 def checkpoint_errors() -> tuple[type[BaseException], ...]:
@@ -59,6 +60,15 @@ def checkpoint_errors() -> tuple[type[BaseException], ...]:
     return (Exception, CheckpointException)
 
 
+def short_reason(error: BaseException | None) -> str:
+    """One line for a failed load: DCP's CheckpointException is every rank's traceback; this is each rank's error."""
+    failures = getattr(error, "failures", None)  # DCP: {rank: (exception, traceback summary)}
+    if not isinstance(failures, dict):
+        return str(error)
+    reasons = {f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}" for exc, *_ in failures.values()}
+    return "; ".join(sorted(reasons))
+
+
 class Stateful(Protocol):
     """What `torch.distributed.checkpoint` calls a Stateful: a part of the run that saves and restores itself."""
 
@@ -67,7 +77,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RecipeError, RuntimeError):
     """A checkpoint cannot be written or read; the message says what to do."""
 
 
@@ -191,21 +201,22 @@ def _te_extra_states(model: nn.Module) -> dict[str, Any]:
 def _restore_te_extra_states(model: nn.Module, states: dict[str, Any]) -> None:
     """Give TE modules back their FP8 scaling state (scales and amax histories of delayed scaling).
 
-    TE stores delayed-scaling state as a pickle and, since 2.x, refuses to unpickle it unless
-    NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1. These states come from this recipe's own checkpoint in the user's
-    ckpt_dir, the same files `torch.load` already reads, so the permission is granted here, for this call only.
+    `states` come through `_checked_te_states`: each pickle was decoded with `safe_pickle`'s allow-list and written
+    again from what it rebuilt. TE unpickles delayed-scaling state only with NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1,
+    granted for this call alone.
     """
     modules = dict(model.named_modules())
-    previous = os.environ.get(TE_UNSAFE_PICKLE_ENV)
-    os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
-    try:
+    with te_pickle_allowed():
         for name, extra in states.items():
             modules[name].set_extra_state(extra)
-    finally:
-        if previous is None:
-            del os.environ[TE_UNSAFE_PICKLE_ENV]
-        else:
-            os.environ[TE_UNSAFE_PICKLE_ENV] = previous
+
+
+def _checked_te_states(states: dict[str, Any], source: Path) -> dict[str, Any]:
+    """The FP8 states of a per-rank file, each pickle decoded with the allow-list (a hostile one raises, naming it)."""
+    return {
+        name: te_extra_state(extra, f"{source} (FP8 state of {name})") if torch.is_tensor(extra) else extra
+        for name, extra in states.items()
+    }
 
 
 def _rng_state() -> dict[str, Any]:
@@ -240,8 +251,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def load_small_file(path: Path) -> Any:
     """Read a checkpoint's train_state.pt or rank file without running code from it (a copied folder may be hostile).
 
-    `weights_only=True` unpickles tensors and plain Python values only; anything else is refused with an error. The
-    one scoped exception is TransformerEngine's FP8 scaling state, an opaque pickle TE itself reads (see below).
+    `weights_only=True` unpickles tensors and plain Python values only; anything else is refused with an error.
+    TransformerEngine's FP8 scaling state inside is a pickle of its own, read by `_checked_te_states`.
     """
     # NumPy arrays (the RNG state of checkpoints written before it was stored as a tensor) rebuild without code.
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy 2 renamed it
@@ -636,7 +647,7 @@ class Checkpointer:
                     logger.info("Resumed from %s (step %d) in %.1f s.", path, step, time.perf_counter() - started)
                     self._last_saved_step = self._start_step = step
                     return step
-                problem = f"loading failed ({error})"
+                problem = f"loading failed ({short_reason(error)})"
             if explicit:
                 raise CheckpointError(f"checkpoint.resume_from_checkpoint={setting!r} cannot be used: {problem}.")
             logger.warning("Skipping checkpoint %s: %s.", path, problem)
@@ -654,17 +665,19 @@ class Checkpointer:
         """Read the small files first, so that most failures happen before any model or optimizer state changes."""
         train_state = load_small_file(path / "train_state.pt")
         self._compare_facts(train_state)
-        rank_file = path / f"rank_{self.context.rank:05d}.pt"
         same_world = train_state["world_size"] == self.context.world_size
-        per_rank = load_small_file(rank_file if rank_file.is_file() else path / "rank_00000.pt")
+        rank_file = path / f"rank_{self.context.rank:05d}.pt"
+        rank_file = rank_file if rank_file.is_file() else path / "rank_00000.pt"
+        per_rank = load_small_file(rank_file)
+        te_states = _checked_te_states(per_rank["te_extra_state"], rank_file)
         parts = self.parts
         state = parts.model_optim.state_dict()
         import torch.distributed.checkpoint as dcp
 
-        dcp.load(state, checkpoint_id=str(path / "model_optim"))
+        dcp.load(state, storage_reader=safe_storage_reader(str(path / "model_optim")))
         parts.model_optim.load_state_dict(state)
         parts.scheduler.load_state_dict(train_state["scheduler"])
-        parts.fp8.load_state_dict(per_rank["te_extra_state"])
+        parts.fp8.load_state_dict(te_states)
         if same_world:
             parts.rng.load_state_dict(per_rank["rng"])
         parts.data.load_state_dict(per_rank["data"] if same_world else train_state["data"])

@@ -1,4 +1,7 @@
-"""`--help` for the training entrypoints, answered before torch, transformers and Hydra are imported.
+"""The training entrypoints' command line, checked before torch, transformers and Hydra are imported.
+
+Two things are answered here: `--help`, and overrides of keys that no configuration has (a typo), refused in one
+message naming the closest known key (Hydra's own refusal suggests `+key=...`, which would add the typo).
 
 Hydra's own help comes only after the entrypoint's imports (seconds of torch and transformers) and lists the keys
 without a word of what they mean. What they mean is written once, as the comments of hydra_config/defaults.yaml, so
@@ -9,6 +12,7 @@ here; Hydra's own options (`--hydra-help`, `--cfg job`, `--info`, `--shell-compl
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -19,11 +23,14 @@ from pathlib import Path
 
 import yaml
 
+from errors import exit_refused
+
 CONFIG_DIR = Path(__file__).resolve().parent / "hydra_config"
 HELP_FLAGS = frozenset({"--help", "-h"})
 HYDRA_FLAGS = frozenset({"--shell-completion", "-sc", "--hydra-help"})  # Hydra answers these, even next to --help
 SECTION_HEADER = re.compile(r"-{2,}\s*(.+?)\s*-{2,}")  # `# --- model ---`
 DOCUMENTED_KEY = re.compile(r"([A-Za-z_]\w*(?:\.\w+)+):\s+(.+)")  # `# fp8_config.recipe:  what it does`
+KEYS_DOCUMENTED = "Every key is documented in hydra_config/defaults.yaml."
 MAX_DEFAULT_WIDTH = 24  # a longer default pushes its comment to the next line instead of widening every row
 
 
@@ -296,9 +303,9 @@ def help_text(doc: str | None, script: Path, argv: list[str], width: int, config
         width,
     )
     prose = (
-        "Unknown keys are refused: key=value for a key the configuration does not have stops Hydra at once "
-        '("Could not override"), and a key forced in with +key=value is refused by the start-up check '
-        "(config_validation.py) at the top level and in the training sections, with the closest known key named. "
+        "Unknown keys are refused with the closest known key named: key=value for a key the configuration does "
+        "not have before anything is imported, and a key forced in with +key=value by the start-up check "
+        "(config_validation.py), at the top level and in the training sections. "
         "Hydra's own options still work: --cfg job (print the composed configuration), --info, --hydra-help, "
         "--shell-completion (TAB completion, e.g. -sc install=bash)."
     )
@@ -332,3 +339,70 @@ def exit_if_help(doc: str | None, module_name: str, argv: list[str] | None = Non
     except BrokenPipeError:  # `--help | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     raise SystemExit(0)
+
+
+def config_keys(config_name: str | None, config_dir: Path = CONFIG_DIR) -> tuple[set[str], set[str]]:
+    """(every dotted key, the mappings whose every key is listed) of defaults.yaml, `config_name` and all group options.
+
+    Every option of a group counts (a command line may pick another one); a mapping written as a flow value (`{}`)
+    is free-form, so only block mappings have their keys listed in full.
+    """
+    keys: set[str] = set()
+    mappings: set[str] = set()
+    files = [(config_dir / "defaults.yaml", ""), (config_dir / f"{config_name}.yaml", "")]
+    for group in (path for path in config_dir.iterdir() if path.is_dir()):
+        for option in group.glob("*.yaml"):
+            files.append((option, "" if "@package _global_" in option.read_text() else f"{group.name}."))
+    for path, prefix in files:
+        if path.is_file():
+            for key in read_config(path).all_keys():
+                keys.add(prefix + key.name)
+                if key.is_mapping:
+                    mappings.add(prefix + key.name)
+    return keys, mappings
+
+
+def unknown_key_problem(key: str, known: set[str], listing: str) -> str:
+    """One line for a key the configuration does not have: the closest known key, and where the known ones are."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"{key}: unknown key.{f' Did you mean {close[0]}?' if close else ''} {listing}"
+
+
+def unknown_override_problems(argv: list[str], config_name: str | None, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """A problem for each `key=value` override naming a key the configuration does not have.
+
+    `+key=...` (add) and `~key` (delete) are left to Hydra and the start-up check, as are Hydra's own keys, config
+    groups addressed by path (`group/sub=...`) and keys under free-form mappings, whose children this cannot know.
+    """
+    keys, mappings = config_keys(config_name, config_dir)
+    problems = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if "=" not in arg or arg.startswith(("-", "+", "~")) or key.split(".")[0] == "hydra" or "/" in key:
+            continue
+        parent = key.rpartition(".")[0]
+        if key in keys or (parent and parent not in mappings and parent in keys):
+            continue
+        siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent) if parent else []
+        listing = (
+            f"Known: {', '.join(siblings)}." if siblings else "Every key is documented in hydra_config/defaults.yaml."
+        )
+        problems.append(unknown_key_problem(key, keys, listing))
+    return problems
+
+
+def check_command_line(doc: str | None, module_name: str, argv: list[str] | None = None) -> None:
+    """Answer `--help`, and refuse overrides of unknown keys (exit 1), before an entrypoint's heavy imports.
+
+    Call it first in an entrypoint as `check_command_line(__doc__, __name__)`; it does nothing where the entrypoint
+    is imported rather than run (benchmark.py imports them for their strategies).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    exit_if_help(doc, module_name, argv)
+    if module_name != "__main__":
+        return
+    script = Path(getattr(sys.modules["__main__"], "__file__", None) or sys.argv[0])
+    config_name = _option(argv, ("--config-name", "-cn")) or _default_config_name(script)
+    problems = unknown_override_problems(argv, config_name)
+    if problems:
+        exit_refused("Invalid command line:\n  - " + "\n  - ".join(problems))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from errors import RecipeError
 from precision import round_up, token_multiple
 
 IGNORE_INDEX = -100
@@ -225,7 +226,7 @@ class StaticPacking:
         return [self.max_seqlen] * full + ([rest] if rest else [])
 
 
-class BatchLayoutError(ValueError):
+class BatchLayoutError(RecipeError, ValueError):
     """The batch settings cannot work together; the message says what to change."""
 
 

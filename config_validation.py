@@ -6,10 +6,9 @@ module checks every value, so nothing downstream needs a fallback default or a c
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -17,14 +16,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from activation_checkpointing import checkpoint_problems
+from cli_help import KEYS_DOCUMENTED, unknown_key_problem
 from dataset import SUPPORTED_FORMATS, resolve_path
+from errors import RecipeError
 from families import FAMILY_TOKENIZERS, max_positions, model_family
 from model import MASTER_WEIGHTS_HOMES, USE_TE_CHOICES
 from norm_kernel import NORM_KERNELS
 from precision import plan_problems, precision_problems
 from quant_stats import problems as quant_stats_problems
 from rotary import ROPE_KERNELS
-from scheduler import SCHEDULE_KINDS
+from scheduler import RESUME_CHANGES, SCHEDULE_KINDS
 
 if TYPE_CHECKING:
     from model import ModelConfig
@@ -62,7 +63,7 @@ class StrategyRules(Protocol):
     inert_keys: tuple[str, ...]
 
 
-class ConfigError(ValueError):
+class ConfigError(RecipeError, ValueError):
     """One or more configuration values are unusable; the message lists each with its fix."""
 
 
@@ -104,28 +105,19 @@ def precision_keys(section: str = "fp8_config") -> frozenset[str]:
     return frozenset(OmegaConf.load(PRECISION_DIR / "bf16.yaml")[section])
 
 
-def _did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f" Did you mean {prefix}{close[0]}?" if close else ""
-
-
 def _unknown_keys(cfg: DictConfig) -> list[str]:
     """Keys that defaults.yaml (or a precision preset) does not define, at the top level or in a checked section.
 
-    A typo would otherwise do nothing, however it was written (`key=...` is refused by Hydra itself, `+key=...` here).
+    A typo would otherwise do nothing: `key=...` is refused before Hydra (cli_help), `+key=...` here.
     """
     top = set(defaults()) - {"defaults"} | {"fp8_config", "fp4_config", "benchmark"}
-    problems = [
-        f"{key}: unknown key.{_did_you_mean(key, top)} Every key is documented in hydra_config/defaults.yaml."
-        for key in cfg
-        if key not in top
-    ]
+    problems = [unknown_key_problem(key, top, KEYS_DOCUMENTED) for key in cfg if key not in top]
     sections = {section: set(defaults()[section]) for section in CHECKED_SECTIONS}
     sections |= {section: precision_keys(section) for section in ("fp8_config", "fp4_config")}
     for section, known in sections.items():
-        listed = ", ".join(sorted(known))
+        listing = f"Known: {', '.join(sorted(known))}."
         problems += [
-            f"{section}.{key}: unknown key.{_did_you_mean(key, known, f'{section}.')} Known: {listed}."
+            unknown_key_problem(f"{section}.{key}", {f"{section}.{k}" for k in known}, listing)
             for key in cfg.get(section) or {}
             if key not in known
         ]
@@ -182,6 +174,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("lr_scheduler.warmup_steps", _non_negative_int, "must be a non-negative integer"),
     ("lr_scheduler.decay_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("lr_scheduler.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("lr_scheduler.on_resume_change", lambda v: v in RESUME_CHANGES, f"must be one of {RESUME_CHANGES}"),
     ("fsdp.reshard_after_forward", _bool, "must be true or false"),
     ("mfsdp.zero_dp_strategy", lambda v: v in ZERO_DP_STRATEGIES, f"must be one of {ZERO_DP_STRATEGIES}"),
     ("mfsdp.overlap_grad_reduce", _bool, "must be true or false"),

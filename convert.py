@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distributed import DistributedContext
+from errors import RecipeError
 from precision import round_up
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ _LAYER_KEYS = {
 _QKV = ("query", "key", "value")
 
 
-class MissingKeysError(KeyError):
+class MissingKeysError(RecipeError, KeyError):
     """A KeyError whose message prints as written (KeyError's own str() shows the repr of its argument)."""
 
     def __str__(self) -> str:

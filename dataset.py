@@ -10,12 +10,14 @@ the run with a DataConfigError naming the file, before the model is built.
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import gzip
 import hashlib
 import logging
 import math
 import os
+import stat
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -27,9 +29,12 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from datasets.arrow_writer import SchemaInferenceError
 from datasets.distributed import split_dataset_by_node
 from pandas.errors import EmptyDataError, ParserError
+
+from errors import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ NOT_FASTA = "it is not a FASTA file: sequence data comes before the first '>' he
 FIX_FASTA = "Every FASTA record starts with a '>NAME' line; point dataset.path at FASTA files or set dataset.format."
 
 
-class DataConfigError(ValueError):
+class DataConfigError(RecipeError, ValueError):
     """The data configuration or the data itself cannot be used; the message says how to fix it."""
 
 
@@ -71,31 +76,103 @@ def _strip_compression(name: str) -> str:
     return name[: -len(".gz")] if name.endswith(".gz") else name
 
 
-def detect_format(files: list[str]) -> str:
-    """The one data format shared by `files`, from their extensions."""
-    formats = {FORMAT_BY_SUFFIX.get(Path(_strip_compression(f)).suffix.lower()) for f in files}
-    if None in formats or len(formats) != 1:
-        raise DataConfigError(
-            f"Cannot tell the data format of {files[:3]}{'...' if len(files) > 3 else ''}: expected one kind of file "
-            f"among {sorted(FORMAT_BY_SUFFIX)} (optionally .gz). Set dataset.format=fasta|parquet|csv|json explicitly."
+def _named_format(file: str) -> str | None:
+    """The format a file's extension names (`.fasta.gz`: fasta), or None for an extension this reader does not know."""
+    return FORMAT_BY_SUFFIX.get(Path(_strip_compression(file)).suffix.lower())
+
+
+def _data_suffix(file: str) -> str:
+    """`.fasta`, or `.fasta.gz` for a compressed file: what a glob picking files like it ends with."""
+    suffix = Path(_strip_compression(file)).suffix
+    return f"{suffix}.gz" if file.endswith(".gz") else suffix
+
+
+def resolve_format(files: list[str], fmt: str = "auto") -> str:
+    """The format to read `files` as: `fmt` where given, else the one their extensions name.
+
+    One run reads one format, so files whose extensions name different formats are refused with globs that pick
+    each kind; so is a file whose extension contradicts an explicit `dataset.format`.
+    """
+    named = {file: _named_format(file) for file in files}
+    kinds = sorted({kind for kind in named.values() if kind})
+    if len(kinds) > 1:
+        raise _mixed_formats_error(files, named)
+    if fmt == "auto":
+        if None in named.values() or not kinds:
+            unknown = [file for file, kind in named.items() if kind is None]
+            raise DataConfigError(
+                f"Cannot tell the data format of {unknown[:3]}{'...' if len(unknown) > 3 else ''} from the "
+                f"extension: expected one of {sorted(FORMAT_BY_SUFFIX)} (optionally .gz). Set "
+                "dataset.format=fasta|parquet|csv|json to read them as that format."
+            )
+        return kinds[0]
+    contradicting = next((file for file, kind in named.items() if kind not in (None, fmt)), None)
+    if contradicting is not None:
+        kind = FORMAT_NAMES[named[contradicting]]
+        raise unreadable_file(
+            contradicting,
+            f"its name says {kind}, but dataset.format={fmt}",
+            f"Set dataset.format=auto to read each file as its extension says, or point dataset.path at "
+            f"{FORMAT_NAMES.get(fmt, fmt)} files.",
         )
-    return formats.pop()
+    return fmt
+
+
+def _mixed_formats_error(files: list[str], named: dict[str, str | None]) -> DataConfigError:
+    by_kind: dict[str, list[str]] = {}
+    for file, kind in named.items():
+        by_kind.setdefault(FORMAT_NAMES[kind] if kind else "unknown", []).append(Path(file).name)
+    held = "; ".join(
+        f"{kind}: {', '.join(names[:3])}{'...' if len(names) > 3 else ''}" for kind, names in by_kind.items()
+    )
+    folders = {str(Path(file).parent) for file in files}
+    suffixes = sorted({_data_suffix(file) for file, kind in named.items() if kind})
+    where = folders.pop() if len(folders) == 1 else "FOLDER"
+    globs = " or ".join(f"dataset.path='{where}/*{suffix}'" for suffix in suffixes)
+    return DataConfigError(
+        f"The data files hold more than one format ({held}), and one run reads one format. Point dataset.path at "
+        f"one kind, e.g. {globs} (a glob), or move the others away."
+    )
 
 
 def list_data_files(path: str) -> list[str]:
-    """The data files named by `path`: a file, a folder (its supported files) or a glob pattern."""
+    """The data files named by `path`: a file, a folder (its files with a data extension) or a glob pattern.
+
+    Each one must be readable: a link that loops or leads nowhere, a folder named like a data file or a file without
+    read permission is refused by name, since leaving it out would train on less data than the user asked for.
+    """
     resolved = resolve_path(path)
     if resolved.is_dir():
-        files = sorted(
-            str(p)
-            for p in resolved.iterdir()
-            if p.is_file() and Path(_strip_compression(p.name)).suffix.lower() in FORMAT_BY_SUFFIX
-        )
-    elif resolved.is_file():
+        files = sorted(str(p) for p in resolved.iterdir() if _named_format(p.name))
+    elif os.path.lexists(resolved):  # a file, or a link that `resolve_path` could not follow
         files = [str(resolved)]
     else:
         files = sorted(glob.glob(str(resolved)))
+    for file in files:
+        problem = _entry_problem(file)
+        if problem is not None:
+            raise unreadable_file(file, *problem)
     return files
+
+
+def _entry_problem(file: str) -> tuple[str, str] | None:
+    """(problem, fix) when `file` is not a regular file this process can read, else None."""
+    try:
+        status = os.stat(file)  # follows links
+    except OSError as exc:
+        target = os.readlink(file) if os.path.islink(file) else None
+        if exc.errno == errno.ELOOP:
+            return f"it is a symbolic link that loops (-> {target})", "Point the link at the real file, or remove it."
+        if target is not None:
+            return f"it is a symbolic link to {target}, which does not exist", (
+                "Point the link at the real file, or remove it."
+            )
+        return f"it cannot be opened ({exc.strerror})", "Check the path, or remove it from dataset.path."
+    if stat.S_ISDIR(status.st_mode):
+        return "it is a folder, not a data file", "Point dataset.path at the files inside it, or move it away."
+    if not os.access(file, os.R_OK):
+        return "it is not readable (permission denied)", "Make it readable (chmod +r), or remove it from dataset.path."
+    return None
 
 
 def _search_locations(path: str) -> list[Path]:
@@ -328,7 +405,7 @@ def reading_error(exc: BaseException, path: str, fmt: str) -> DataConfigError | 
     if not files:
         return None
     culprit = files[0] if len(files) == 1 else _file_in_traceback(chain, files)
-    fmt = detect_format(files) if fmt == "auto" else fmt
+    fmt = resolve_format(files, fmt)
     problem = next(filter(None, (_problem_from_exception(e, culprit or "", fmt) for e in chain)), None)
     if problem is None:
         return None
@@ -385,9 +462,10 @@ def load_raw_dataset(data_cfg: Any, path: str) -> datasets.Dataset | datasets.It
                 "(HF_HUB_OFFLINE=1) only local files or a previously cached hub dataset can be used."
             ) from exc
 
-    if fmt == "auto":
-        fmt = detect_format(files)
+    fmt = resolve_format(files, fmt)
     check_data_files(files, fmt)
+    if fmt == "parquet":
+        check_parquet_columns(files, data_cfg.sequence_column)
     if fmt == "fasta":
         if streaming:
             return datasets.IterableDataset.from_generator(read_fasta, gen_kwargs={"paths": files})
@@ -407,19 +485,77 @@ def clean_sequences(batch: dict[str, list], column: str) -> dict[str, list]:
     return {"sequence": cleaned}
 
 
-def _check_sequence_column(ds: datasets.Dataset | datasets.IterableDataset, column: str, source: str) -> None:
-    """Fail before training when the sequence column is missing; a stream without a schema is asked for a record."""
-    columns = ds.column_names
+def _check_sequence_column(ds: datasets.Dataset | datasets.IterableDataset, column: str, path: str) -> None:
+    """Fail before training when the sequence column is missing or holds no text (numbers, lists, records, bytes).
+
+    A stream without a schema is asked for its first record.
+    """
+    columns, first = ds.column_names, None
     if columns is None and isinstance(ds, datasets.IterableDataset):  # schema unknown until the first record
         first = next(iter(ds), None)
         if first is None:
-            raise DataConfigError(f"{source} holds no records. Point dataset.path at files holding sequences.")
+            raise DataConfigError(f"dataset {path!r} holds no records. Point dataset.path at files holding sequences.")
         columns = list(first.keys())
     if column not in columns:
         raise DataConfigError(
-            f"{source} has no {column!r} column (columns: {columns}). Set dataset.sequence_column to the column "
-            "holding the amino-acid sequences."
+            f"dataset {path!r} has no {column!r} column (columns: {columns}). Set dataset.sequence_column to the "
+            "column holding the amino-acid sequences."
         )
+    feature = ds.features[column] if ds.features is not None else None
+    if feature is not None and not _is_text(feature):
+        raise _non_text_column_error(_source_name(path), column, _feature_kind(feature), columns)
+    value = first[column] if first is not None else None
+    if value is not None and not isinstance(value, str):
+        raise _non_text_column_error(_source_name(path), column, f"{type(value).__name__} values", columns)
+
+
+def _source_name(path: str) -> str:
+    files = list_data_files(path) if _is_local(path) else []  # a hub dataset is named by its name
+    return f"Data file {files[0]}" if len(files) == 1 else f"dataset {path!r}"
+
+
+def _non_text_column_error(where: str, column: str, kind: str, columns: list[str]) -> DataConfigError:
+    return DataConfigError(
+        f"{where}: its column {column!r} holds {kind}, not amino-acid sequences as text. Set "
+        f"dataset.sequence_column to the column of sequences (columns: {columns}), or store them as strings."
+    )
+
+
+def _is_local(path: str) -> bool:
+    resolved = resolve_path(path)
+    return os.path.lexists(resolved) or bool(glob.glob(str(resolved)))
+
+
+def _is_text(feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _feature_kind(feature: Any) -> str:
+    """What a non-text column holds, in words: `int64 values`, `lists`, `records (fields: a, b)`, `bytes (binary)`."""
+    if isinstance(feature, datasets.Value):
+        return "bytes (binary)" if "binary" in feature.dtype else f"{feature.dtype} values"
+    if isinstance(feature, dict):
+        return f"records (fields: {', '.join(feature)})"
+    if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence | list):
+        return "lists"
+    return f"{type(feature).__name__} values"
+
+
+def check_parquet_columns(files: list[str], column: str) -> None:
+    """Refuse, by file, a Parquet file whose sequence column is not text, reading only the files' footers.
+
+    Before `datasets` loads them: it would cast one file's numbers to another's text type and train on them, or fail
+    on lists without naming the file.
+    """
+    for file in files:
+        if file.endswith(".gz"):
+            continue
+        schema = pq.read_schema(file)
+        if column in schema.names:
+            feature = datasets.Features.from_arrow_schema(schema)[column]
+            if not _is_text(feature):
+                where = f"Data file {file}" + (f" (of {len(files)} in dataset.path)" if len(files) > 1 else "")
+                raise _non_text_column_error(where, column, _feature_kind(feature), schema.names)
 
 
 def prepare_sequences(data_cfg: Any, path: str) -> tuple[datasets.Dataset | datasets.IterableDataset, int | None]:
@@ -427,7 +563,7 @@ def prepare_sequences(data_cfg: Any, path: str) -> tuple[datasets.Dataset | data
     column = data_cfg.sequence_column
     with naming_unreadable_files(data_cfg, path):
         raw = load_raw_dataset(data_cfg, path)
-        _check_sequence_column(raw, column, f"dataset {path!r}")
+        _check_sequence_column(raw, column, path)
     drop = [c for c in raw.column_names or [] if c != "sequence"] or None
     cleaned = raw.map(clean_sequences, batched=True, fn_kwargs={"column": column}, remove_columns=drop)
     if isinstance(cleaned, datasets.IterableDataset):

@@ -18,6 +18,7 @@ from torch import nn
 
 from activation_checkpointing import apply_activation_checkpointing, resolve_checkpoint_plan
 from distributed import is_distributed
+from errors import RecipeError
 from families import AMPLIFY_MODEL_TYPES, ESM_MODEL_TYPES, model_family
 from precision import build_fp4_recipe, build_fp8_recipe, resolve_plan
 
@@ -35,7 +36,7 @@ USE_TE_CHOICES = ("auto", "true", "false")
 MASTER_WEIGHTS_HOMES = ("model", "optimizer")  # FP32 parameters, or BF16 parameters + FP32 copies in TE's FusedAdam
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(RecipeError, ValueError):
     """The model configuration cannot be used; the message says how to fix it."""
 
 

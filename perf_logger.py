@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from distributed import DistributedContext, all_reduce_sum, world_size
+from errors import RecipeError
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -66,7 +67,7 @@ def configure_process_logs(rank: int) -> None:
             handler.addFilter(RankPrefix(rank))
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(RecipeError, RuntimeError):
     """The loss or gradient norm became NaN or infinite: training diverged, and going on would only spread it."""
 
 

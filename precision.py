@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from errors import RecipeError
+
 
 @dataclass(frozen=True)
 class RecipeSpec:
@@ -39,7 +41,7 @@ FP8_FORMATS = ("E4M3", "HYBRID")
 BF16_TOKEN_MULTIPLE = 8  # keeps BF16 GEMM shapes tensor-core friendly
 
 
-class PrecisionConfigError(ValueError):
+class PrecisionConfigError(RecipeError, ValueError):
     """The precision settings cannot run here; the message says what to change."""
 
 

@@ -51,6 +51,7 @@ from typing import Any
 
 from omegaconf import ListConfig
 
+from errors import RecipeError
 from precision import PrecisionPlan, layer_ranges, parse_layers, plan_problems
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ _METRIC_KEY = re.compile(r"^quant/layer_(?P<layer>\d+)/(?P<gemm>\w+)/(?P<tensor>
 _INSPECT_LOG_LINE = re.compile(r"^.+? - \w+ - (?P<name>\S+)\s+iteration=(?P<iteration>\d+)\s+value=(?P<value>\S+)\s*$")
 
 
-class QuantStatsError(RuntimeError):
+class QuantStatsError(RecipeError, RuntimeError):
     """Statistics cannot be collected as configured in this environment; the message says what to change."""
 
 

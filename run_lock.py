@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from errors import RecipeError
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -25,7 +27,7 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # ten missed heartbeats: far beyond clock skew or a slow filesystem
 
 
-class CheckpointDirLockedError(RuntimeError):
+class CheckpointDirLockedError(RecipeError, RuntimeError):
     """Another live run holds the checkpoint folder; the message names it and what to do."""
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import cli_help
 
-cli_help.exit_if_help(__doc__, __name__)  # answers --help at once, before the imports below (seconds of torch)
+cli_help.check_command_line(__doc__, __name__)  # --help and unknown keys at once, before torch's seconds
 import contextlib
 from contextlib import AbstractContextManager
 
@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import DistributedStateDict
 from model import build_model, capture_cuda_graphs, compile_transformer_layers
-from training import TEARDOWN_LIMIT_S, Run, Strategy, run
+from training import Run, Strategy, run_entrypoint
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -93,7 +93,7 @@ STRATEGY = Strategy(
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, STRATEGY, exit_after_teardown_s=TEARDOWN_LIMIT_S)
+    run_entrypoint(cfg, STRATEGY)
 
 
 if __name__ == "__main__":

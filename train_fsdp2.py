@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import cli_help
 
-cli_help.exit_if_help(__doc__, __name__)  # answers --help at once, before the imports below (seconds of torch)
+cli_help.check_command_line(__doc__, __name__)  # --help and unknown keys at once, before torch's seconds
 import contextlib
 from collections.abc import Iterator
 
@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from checkpoint import DistributedStateDict
 from distributed import sharding_mesh
 from model import build_model, compile_transformer_layers, materialize, transformer_layers
-from training import TEARDOWN_LIMIT_S, Run, Strategy, run
+from training import Run, Strategy, run_entrypoint
 
 
 def apply_fsdp2(
@@ -88,7 +88,7 @@ STRATEGY = Strategy(
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, STRATEGY, exit_after_teardown_s=TEARDOWN_LIMIT_S)
+    run_entrypoint(cfg, STRATEGY)
 
 
 if __name__ == "__main__":

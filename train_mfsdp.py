@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import cli_help
 
-cli_help.exit_if_help(__doc__, __name__)  # answers --help at once, before the imports below (seconds of torch)
+cli_help.check_command_line(__doc__, __name__)  # --help and unknown keys at once, before torch's seconds
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -32,7 +32,7 @@ from checkpoint import MegatronFSDPStateDict
 from initialization import esm2_init_on_materialisation
 from model import build_model, cast_parameters, return_tuple_outputs, transformer_layers
 from precision import fp8_enabled
-from training import TEARDOWN_LIMIT_S, Run, Strategy, run
+from training import Run, Strategy, run_entrypoint
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ STRATEGY = Strategy(
 
 @hydra.main(config_path="hydra_config", config_name="L0_sanity", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, STRATEGY, exit_after_teardown_s=TEARDOWN_LIMIT_S)
+    run_entrypoint(cfg, STRATEGY)
 
 
 if __name__ == "__main__":

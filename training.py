@@ -40,6 +40,7 @@ from config_validation import log_inert_keys, validate_config
 from convert import export_final_model
 from dataset import resolve_path
 from distributed import DistributedContext, all_reduce_sum, destroy_distributed, init_distributed
+from errors import refusals_exit_cleanly
 from families import max_positions, model_family
 from loader import EpochLoader, build_dataloaders, shutdown_workers
 from memory_model import estimate_memory
@@ -48,7 +49,7 @@ from parallel import clip_grad_norm_, gradient_norms, parameter_memory_gib, unwr
 from perf_logger import PerfLogger, configure_process_logs
 from precision import check_gpu_supports, fp4_enabled, fp8_enabled, resolve_plan
 from run_lock import RunLock
-from scheduler import build_esm2_scheduler
+from scheduler import ScheduledLR, build_esm2_scheduler
 
 if TYPE_CHECKING:
     from model import ModelConfig
@@ -251,7 +252,7 @@ def master_weights_adam(params: list[nn.Parameter], hyper: dict[str, Any]) -> to
     return optimizer
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> ScheduledLR:
     sched = cfg.lr_scheduler
     return build_esm2_scheduler(
         optimizer,
@@ -260,6 +261,7 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> torch.
         decay_fraction=float(sched.decay_fraction),
         min_lr_ratio=float(sched.min_lr_ratio),
         kind=str(sched.kind),
+        on_resume_change=str(sched.on_resume_change),
     )
 
 
@@ -422,6 +424,15 @@ def run(cfg: DictConfig, strategy: Strategy, exit_after_teardown_s: float | None
         guard.cancel()  # reached: the teardown did finish
 
 
+TEARDOWN_LIMIT_S = 30.0  # a finished run's normal teardown takes a second or two
+
+
+@refusals_exit_cleanly
+def run_entrypoint(cfg: DictConfig, strategy: Strategy) -> None:
+    """An entrypoint's task: `run`, a refusal ending the process in one message with status 1 (errors.py)."""
+    run(cfg, strategy, exit_after_teardown_s=TEARDOWN_LIMIT_S)
+
+
 class TeardownGuard:
     """Ends the process with status 0 if a finished run's teardown does not end within `seconds`.
 
@@ -491,9 +502,6 @@ def _train(setup: Run, strategy: Strategy, guard: TeardownGuard) -> TrainResult:
     shutdown_workers()  # here, in a known order, not from destructors while this frame is torn down
     destroy_distributed()
     return result
-
-
-TEARDOWN_LIMIT_S = 30.0  # a finished run's normal teardown takes a second or two
 
 
 def export_final(

@@ -250,3 +250,72 @@ def test_missing_path_lists_each_location_once(tmp_path, tokenizer, monkeypatch)
     monkeypatch.chdir(tmp_path)
     message = load_error(tokenizer, "no/such/file.fasta")
     assert f"does not exist (looked for {os.path.realpath(elsewhere)}, {in_recipe}). Point" in message
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        ([1, 2], "int64 values"),
+        ([["M", "K"], ["A"]], "lists"),
+        ([{"residues": "MK"}, {"residues": "A"}], "records (fields: residues)"),
+        ([b"MK", b"A"], "bytes (binary)"),
+    ],
+)
+def test_a_sequence_column_that_is_not_text_is_named_with_its_file(tmp_path, tokenizer, values, kind, streaming):
+    pd.DataFrame({"sequence": ["MKV", "AAW"]}).to_parquet(tmp_path / "a.parquet")
+    pd.DataFrame({"sequence": values}).to_parquet(tmp_path / "b.parquet")
+    pd.DataFrame({"sequence": values}).to_parquet(tmp_path / "single.parquet")
+    message = load_error(tokenizer, tmp_path / "single.parquet", f"dataset.streaming={streaming}")
+    assert message == (
+        f"Data file {tmp_path / 'single.parquet'}: its column 'sequence' holds {kind}, not amino-acid sequences as "
+        "text. Set dataset.sequence_column to the column of sequences (columns: ['sequence']), or store them as "
+        "strings."
+    )
+    (tmp_path / "single.parquet").unlink()
+    assert load_error(tokenizer, tmp_path, f"dataset.streaming={streaming}").startswith(
+        f"Data file {tmp_path / 'b.parquet'} (of 2 in dataset.path): its column 'sequence' holds {kind}"
+    )  # `datasets` would cast b.parquet's values to a.parquet's strings
+
+
+def test_a_csv_column_of_numbers_is_refused(tmp_path, tokenizer):
+    (tmp_path / "ids.csv").write_text("sequence,name\n123,a\n456,b\n")
+    assert "its column 'sequence' holds int64 values" in load_error(tokenizer, tmp_path / "ids.csv")
+
+
+def test_a_looping_or_dangling_link_is_refused_by_name(tmp_path, tokenizer):
+    (tmp_path / "loop.fasta").symlink_to("loop.fasta")
+    assert load_error(tokenizer, tmp_path / "loop.fasta") == (
+        f"Cannot read data file {tmp_path / 'loop.fasta'}: it is a symbolic link that loops (-> loop.fasta). Point "
+        "the link at the real file, or remove it."
+    )
+    folder = tmp_path / "proteomes"
+    folder.mkdir()
+    (folder / "a.fasta").write_text(">a\nMKV\n")
+    (folder / "b.fasta").symlink_to(tmp_path / "gone.fasta")
+    assert load_error(tokenizer, folder) == (
+        f"Cannot read data file {folder / 'b.fasta'}: it is a symbolic link to {tmp_path / 'gone.fasta'}, which does "
+        "not exist. Point the link at the real file, or remove it."
+    )
+    assert "b.fasta: it is a symbolic link to" in load_error(tokenizer, f"{folder}/*.fasta")  # a glob too
+    (folder / "b.fasta").unlink()
+    (folder / "c.fasta").mkdir()
+    assert "c.fasta: it is a folder, not a data file" in load_error(tokenizer, folder)
+
+
+def test_a_folder_of_mixed_formats_gets_a_fix_that_works(tmp_path, tokenizer):
+    (tmp_path / "a.fasta").write_text(">a\nMKV\n>b\nAAW\n")
+    pd.DataFrame({"sequence": ["MKVW", "AAWW", "CCC"]}).to_parquet(tmp_path / "b.parquet")
+    for fmt in ("auto", "fasta", "parquet"):
+        message = load_error(tokenizer, tmp_path, f"dataset.format={fmt}")
+        assert message.startswith("The data files hold more than one format (FASTA: a.fasta; Parquet: b.parquet)")
+        assert f"dataset.path='{tmp_path}/*.fasta' or dataset.path='{tmp_path}/*.parquet' (a glob)" in message
+    for glob_path, expected in (
+        (f"{tmp_path}/*.fasta", ["AAW", "MKV"]),
+        (f"{tmp_path}/*.parquet", ["AAWW", "CCC", "MKVW"]),
+    ):
+        splits = load_sequence_splits(data_cfg(glob_path, "dataset.validation_size=0"), tokenizer, seed=0)
+        assert sorted(decoded(tokenizer, splits.train)) == expected  # the fix the message gives works
+    assert "its name says Parquet, but dataset.format=fasta" in load_error(
+        tokenizer, tmp_path / "b.parquet", "dataset.format=fasta"
+    )
