@@ -76,8 +76,20 @@ def frozen_scaling(model: torch.nn.Module) -> None:
     model.set_fp8(frozen)
 
 
+def lost_weight_gradients(model: torch.nn.Module) -> None:
+    """Broken FP8 path: the FP8 layers' weight-gradient GEMMs deliver nothing (every layer parameter's gradient
+    arrives as zeros); the forward is untouched, so only the gradient and loss checks can see it."""
+    for layer in model.esm.encoder.layers:
+        for param in layer.parameters():
+            param.register_hook(torch.zeros_like)
+
+
 def controls(recipe: str) -> dict[str, Callable[[torch.nn.Module], None]]:
-    broken = {"leave_out_layer": leave_out_layer, "wrong_scale": wrong_scale}
+    broken = {
+        "leave_out_layer": leave_out_layer,
+        "wrong_scale": wrong_scale,
+        "lost_weight_gradients": lost_weight_gradients,
+    }
     if recipe == "fp8_delayed":
         broken["frozen_scaling"] = frozen_scaling
     return broken
