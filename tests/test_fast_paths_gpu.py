@@ -247,26 +247,27 @@ def test_triton_rope_trains_sequences_beyond_1026_tokens_as_te_rope(long_protein
     assert metrics["all_weights_rel_l2"] < ROPE_WEIGHTS
 
 
-STOP_AND_GO = {
-    "fp8_delayed_state": ["precision=fp8_delayed"],
-    "fp8_primary_weights": [
-        "precision=fp8_delayed",
-        "fp8_config.quantized_model_init=true",
-        "master_weights=optimizer",
-    ],
-    "fused_adam_masters": ["master_weights=optimizer"],
+STOP_AND_GO = {  # name: (entrypoint, overrides)
+    "fp8_delayed_state": ("train_ddp.py", ["precision=fp8_delayed"]),
+    "fp8_primary_weights": (
+        "train_ddp.py",
+        ["precision=fp8_delayed", "fp8_config.quantized_model_init=true", "master_weights=optimizer"],
+    ),
+    "fused_adam_masters": ("train_ddp.py", ["master_weights=optimizer"]),
+    "fsdp2_fp8_delayed_state": ("train_fsdp2.py", ["precision=fp8_delayed"]),  # DTensor shards, FP8 state
+    "mfsdp_fp8_delayed_state": ("train_mfsdp.py", ["precision=fp8_delayed"]),  # Megatron-FSDP's uneven shards
 }
 
 
 @pytest.mark.parametrize("name", list(STOP_AND_GO))
 def test_stop_and_go_on_the_gpu_is_bit_exact(tmp_path, name: str) -> None:
     """8 steps straight against 4, a checkpoint and `exit_after_n_steps`, then 4 more after resuming."""
-    overrides = STOP_AND_GO[name]
-    straight = train(tmp_path / "straight", "train_ddp.py", *overrides, steps=8)
+    entrypoint, overrides = STOP_AND_GO[name]
+    straight = train(tmp_path / "straight", entrypoint, *overrides, steps=8)
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "resumed.jsonl"
     first = train(
         tmp_path / "first",
-        "train_ddp.py",
+        entrypoint,
         *overrides,
         "checkpoint.exit_after_n_steps=4",
         steps=8,
@@ -274,7 +275,7 @@ def test_stop_and_go_on_the_gpu_is_bit_exact(tmp_path, name: str) -> None:
         metrics=metrics,
     )
     assert len(first.losses) == 4 and first.weights is None
-    second = train(tmp_path / "second", "train_ddp.py", *overrides, steps=8, ckpt=ckpt, metrics=metrics)
+    second = train(tmp_path / "second", entrypoint, *overrides, steps=8, ckpt=ckpt, metrics=metrics)
     assert "Resumed from" in second.log and "(step 4)" in second.log, second.log[-3000:]
     differing = [key for key, value in straight.weights.items() if not torch.equal(value, second.weights[key])]
     record(
