@@ -164,11 +164,10 @@ def ddp_run(tmp_path_factory) -> Trained:
 
 
 # Bounds of the equivalence tests: relative per-step loss and relative L2 of all final weights after STEPS steps.
-# PROVISIONAL: no GPU was available when these tests were written, so they are estimates of BF16 rounding apart
-# (FSDP2 and Megatron-FSDP compute with BF16 parameters, embeddings and LayerNorms too, where DDP casts FP32 ones
-# under autocast; torch.compile fuses other kernels; the two RoPE kernels differ in the last bit of 0.005% of their
-# outputs), not measurements. Each run records its figures ("fsdp2_vs_ddp" and the like in GPU_METRICS_FILE); the
-# first GPU run's replace these, with the card and the TE version.
+# They are estimates of BF16 rounding apart, not yet measured on a GPU (FSDP2 and Megatron-FSDP compute with BF16
+# parameters, embeddings and LayerNorms too, where DDP casts FP32 ones under autocast; torch.compile fuses other
+# kernels; the two RoPE kernels differ in the last bit of 0.005% of their outputs). Each run records its figures
+# ("fsdp2_vs_ddp" and the like in GPU_METRICS_FILE), which are to replace them, with the card and the TE version.
 FSDP2_LOSS, FSDP2_WEIGHTS = 5e-3, 5e-3
 MFSDP_LOSS, MFSDP_WEIGHTS = 5e-3, 5e-3
 COMPILE_LOSS, COMPILE_WEIGHTS = 5e-3, 5e-3

@@ -38,10 +38,9 @@ LOSS_STEPS, LOSS_TOKENS = 100, 4096
 # How each bound is derived: bound = FACTOR x the error of the working FP8 recipe against BF16 on the same batch (the
 # FP8 error is several times BF16's own error against FP32, which each run records beside it for scale), with FACTOR
 # small enough that every broken path's error stays above the bound; the test asserts that on every run.
-# PROVISIONAL: no GPU was available when these tests were written, so FP8_ERROR holds estimates, not measurements.
-# The first GPU run records the measured figures ("fp8_vs_bf16_step[...]" and "fp8_vs_bf16_training[...]" in
-# GPU_METRICS_FILE: the working recipe, each broken path, BF16 vs FP32 and a BF16 rerun); they replace these numbers,
-# with the card and the TE version they came from.
+# FP8_ERROR holds estimates, not yet measured on a GPU. Every run records the measured figures
+# ("fp8_vs_bf16_step[...]" and "fp8_vs_bf16_training[...]" in GPU_METRICS_FILE: the working recipe, each broken path,
+# BF16 vs FP32 and a BF16 rerun), which are to replace these numbers, with the card and the TE version.
 FP8_ERROR = {  # the FP8 error against BF16 from which each bound is derived
     "logits": {"fp8_delayed": 0.03, "fp8_current": 0.03, "fp8_block": 0.03},  # relative L2, real tokens' logits
     "layer_grads": {"fp8_delayed": 0.15, "fp8_current": 0.15, "fp8_block": 0.15},  # relative L2, worst layer

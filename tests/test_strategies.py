@@ -342,7 +342,7 @@ def test_dockerfile_keeps_the_images_torch_and_transformer_engine():
 
 
 # TE's attention backward made deterministic, so that the eager run's own drift between runs leaves the comparison;
-# graphs replay the same kernels. GRAPHED_WEIGHTS (relative L2 of all final weights) is PROVISIONAL, an estimate not
+# graphs replay the same kernels. GRAPHED_WEIGHTS (relative L2 of all final weights) is an estimate, not
 # yet measured on a GPU: each run records the figure ("graphed_vs_eager[...]" in GPU_METRICS_FILE).
 DETERMINISTIC_GPU = {"NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 GRAPHED_LOSS, GRAPHED_WEIGHTS = 2e-3, 5e-3
