@@ -38,18 +38,17 @@ def test_delayed_scaling_state_reads_back_through_the_allow_list(te_esm, bshd_ba
     restored = te_twin(te_esm, hf_model, params_dtype="bfloat16").train()
     restored.set_fp8(DelayedScaling(amax_history_len=16))
     TEExtraState(restored).load_state_dict(_checked_te_states(saved, "rank_00000.pt"))
-    compared = 0
-    for (name, module), (_, twin) in zip(trained.named_modules(), restored.named_modules(), strict=True):
+    recorded = 0  # modules whose FP8 GEMMs ran, so their state is not the initial one
+    for (_, module), (_, twin) in zip(trained.named_modules(), restored.named_modules(), strict=True):
         if "scaling_fwd" not in getattr(module, "fp8_meta", {}):
             continue
         for direction in ("scaling_fwd", "scaling_bwd"):
             torch.testing.assert_close(twin.fp8_meta[direction].scale, module.fp8_meta[direction].scale, rtol=0, atol=0)
             history = module.fp8_meta[direction].amax_history
-            assert history.abs().sum() > 0, f"{name}: no amax recorded"
             torch.testing.assert_close(twin.fp8_meta[direction].amax_history, history, rtol=0, atol=0)
         assert twin.fp8_meta["recipe"].amax_history_len == 16
-        compared += 1
-    assert compared >= 12
+        recorded += bool(module.fp8_meta["scaling_fwd"].amax_history.abs().sum() > 0)
+    assert recorded >= 12  # QKV, output projection and MLP of each of the 6 layers (BF16 attention records none)
     torch.manual_seed(0)
     expected = trained(**batch).loss
     torch.manual_seed(0)
