@@ -384,9 +384,7 @@ def unknown_override_problems(argv: list[str], config_name: str | None, config_d
         if key in keys or (parent and parent not in mappings and parent in keys):
             continue
         siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent) if parent else []
-        listing = (
-            f"Known: {', '.join(siblings)}." if siblings else "Every key is documented in hydra_config/defaults.yaml."
-        )
+        listing = f"Known: {', '.join(siblings)}." if siblings else KEYS_DOCUMENTED
         problems.append(unknown_key_problem(key, keys, listing))
     return problems
 
