@@ -305,7 +305,8 @@ def help_text(doc: str | None, script: Path, argv: list[str], width: int, config
     prose = (
         "Unknown keys are refused with the closest known key named: key=value for a key the configuration does "
         "not have before anything is imported, and a key forced in with +key=value by the start-up check "
-        "(config_validation.py), at the top level and in the training sections. "
+        "(config_validation.py), at the top level and in the training sections. A refusal prints its message "
+        "alone and exits with status 1; HYDRA_FULL_ERROR=1 shows its traceback too. "
         "Hydra's own options still work: --cfg job (print the composed configuration), --info, --hydra-help, "
         "--shell-completion (TAB completion, e.g. -sc install=bash)."
     )
