@@ -549,9 +549,8 @@ def test_an_async_save_goes_through_dcp_async_save_holds_the_state_of_its_step_a
     after_step_3 = snapshot(model, optimizer)
     checkpointer.finish(3, completed=False)  # publishes the pending save
     assert calls == ["async_save"]
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [2] and verify_manifest(
-        tmp_path / "step_0000002"
-    ) is None
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+    assert verify_manifest(tmp_path / "step_0000002") is None  # complete: every file, size and checksum
 
     resumed, resumed_model = tiny_checkpointer(tmp_path)
     resumed_optimizer = resumed.parts.model_optim.optimizer

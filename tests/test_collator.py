@@ -42,7 +42,7 @@ def make_masker(tokenizer, **kwargs):
 # Masking shares are binomial: with n draws at rate p the observed share has standard error sqrt(p(1-p)/n). Each is
 # checked to within SIGMAS standard errors (two-sided; the real code is outside that once in ~150,000 samplings, and
 # the seeds are fixed, so it never flakes). MASKING_EPOCHS passes over 400 sample sequences select ~148,000 of ~990,000
-# residues: one standard error of the 80% <mask> share is 0.0010, the tolerance 0.0047, so a 79% or 81% share (8-10
+# residues: one standard error of the 80% <mask> share is 0.0010, the tolerance 0.0047, so a 79% or 81% share (8-11
 # standard errors away) fails; the 10% shares and the 15% selection rate are resolved even more finely.
 SIGMAS = 4.5
 MASKING_EPOCHS = 8

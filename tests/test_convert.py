@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_fasta_sequences
+from conftest import read_fasta_sequences, tiny_esm_config
 from safetensors.torch import save_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, EsmConfig, EsmForMaskedLM
 
@@ -323,20 +323,9 @@ TE_FROM_HF_LAYER = {  # esm.encoder.layers.{i}.KEY <- esm.encoder.layer.{i}.VALU
 VOCAB, PADDED_VOCAB, HEADS, HEAD_DIM = 33, 64, 2, 4
 
 
-def tiny_esm_config(fused: bool) -> EsmConfig:
+def tiny_width_8_config(fused: bool) -> EsmConfig:
     """Two layers, two heads; the MLP as wide as the model, so every projection has the same shape as any other."""
-    config = EsmConfig(
-        vocab_size=VOCAB,
-        hidden_size=HEADS * HEAD_DIM,
-        num_hidden_layers=2,
-        num_attention_heads=HEADS,
-        intermediate_size=HEADS * HEAD_DIM,
-        position_embedding_type="rotary",
-        pad_token_id=1,
-        mask_token_id=32,
-        token_dropout=True,
-        max_position_embeddings=64,
-    )
+    config = tiny_esm_config(hidden_size=HEADS * HEAD_DIM, intermediate_size=HEADS * HEAD_DIM)
     config.fuse_qkv_params = fused
     return config
 
@@ -361,7 +350,7 @@ def padded(tensor: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "separate_qkv"])
 def test_hf_to_te_puts_every_tensor_under_its_te_name(fused: bool) -> None:
-    config = tiny_esm_config(fused)
+    config = tiny_width_8_config(fused)
     hf = distinct_tensors(convert.hf_state_dict_shapes(config))
     hf[convert.DECODER_KEY] = hf[convert.EMBEDDING_KEY]  # ESM-2 ties them
     expected = {te: hf[name] for te, name in TE_FROM_HF.items()}
@@ -387,7 +376,7 @@ def test_hf_to_te_puts_every_tensor_under_its_te_name(fused: bool) -> None:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "separate_qkv"])
 def test_te_to_hf_puts_every_tensor_under_its_hf_name(fused: bool) -> None:
-    config = tiny_esm_config(fused)
+    config = tiny_width_8_config(fused)
     te = distinct_tensors(convert.te_state_dict_shapes(config))
     te[convert.DECODER_KEY] = te[convert.EMBEDDING_KEY]
     expected = {name: te[te_name] for te_name, name in TE_FROM_HF.items()}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import RECIPE_DIR, compose
+from conftest import RECIPE_DIR, compose, tiny_esm_config
 
 from model import ModelConfigError, build_model, load_model_config, resolve_use_te, return_tuple_outputs
 
@@ -35,13 +35,10 @@ def test_megatron_fsdp_sees_the_model_output_as_a_tuple():
 
 
 def tiny_esm(seed):
-    from transformers import EsmConfig, EsmForMaskedLM
+    from transformers import EsmForMaskedLM
 
     torch.manual_seed(seed)
-    config = EsmConfig(vocab_size=33, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                       position_embedding_type="rotary", pad_token_id=1, mask_token_id=32, token_dropout=True,
-                       max_position_embeddings=64)  # fmt: skip
-    return EsmForMaskedLM(config)
+    return EsmForMaskedLM(tiny_esm_config())
 
 
 def tiny_amplify(seed):

@@ -3,18 +3,15 @@
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import compose
+from conftest import compose, tiny_esm_config
 from torch.distributed.tensor import DTensor
-from transformers import EsmConfig
 
 import train_fsdp2
 from collator import BatchLayout
 from distributed import DistributedContext
 from training import Run
 
-TINY_ESM = EsmConfig(vocab_size=33, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                     position_embedding_type="rotary", pad_token_id=1, mask_token_id=32, token_dropout=True,
-                     max_position_embeddings=64)  # fmt: skip
+TINY_ESM = tiny_esm_config()
 
 
 @pytest.fixture

@@ -2,17 +2,14 @@
 
 import pytest
 import torch
-from conftest import compose
-from transformers import EsmConfig
+from conftest import compose, tiny_esm_config
 
 import train_mfsdp
 from collator import BatchLayout
 from distributed import DistributedContext
 from training import Run
 
-TINY_ESM = EsmConfig(vocab_size=33, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                     position_embedding_type="rotary", pad_token_id=1, mask_token_id=32, token_dropout=True,
-                     max_position_embeddings=64)  # fmt: skip
+TINY_ESM = tiny_esm_config()
 
 
 def wrapper_arguments(monkeypatch, overrides):
