@@ -1,5 +1,6 @@
 """Samplers, token-budget packing and the epoch loader: property tests over random length distributions, resumes."""
 
+import copy
 import itertools
 import multiprocessing
 
@@ -369,14 +370,15 @@ def test_the_shuffle_buffer_size_bounds_how_far_a_stream_reads_ahead_with_one_or
     sequences = short_sequences(120)
     fasta = write_fasta(tmp_path / "stream.fasta", sequences)
     position = {tuple(ids): index for index, ids in enumerate(tokenizer(sequences)["input_ids"])}
+    overrides = [f"dataset.path={fasta}", "dataset.streaming=true", "dataset.validation_size=0"]
+    streaming = compose("L0_sanity", [*overrides, "dataset.num_workers=0"])
     orders = {}
 
     def order(buffer_size, seed=42):
         """File positions of the first epoch's records, in the order the training stream gives them."""
         if (buffer_size, seed) not in orders:
-            overrides = [f"dataset.path={fasta}", "dataset.streaming=true", "dataset.validation_size=0"]
-            overrides += ["dataset.num_workers=0", f"dataset.shuffle_buffer_size={buffer_size}", f"seed={seed}"]
-            cfg = compose("L0_sanity", overrides)
+            cfg = copy.deepcopy(streaming)
+            cfg.dataset.shuffle_buffer_size, cfg.seed = buffer_size, seed
             stream, _ = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
             batches, drawn = iter(stream), []
             while len(drawn) < len(sequences):

@@ -2,6 +2,7 @@
 
 import copy
 import enum
+import functools
 import sys
 import types
 
@@ -169,39 +170,47 @@ def te_recipe(monkeypatch):
     return recipe
 
 
+@functools.cache
+def preset(name):
+    return compose("L0_sanity", [f"precision={name}"])
+
+
 @pytest.mark.parametrize(
-    ("preset", "fp8_format", "expected"),
+    ("name", "fp8_format", "expected"),
     [("fp8_delayed", None, "HYBRID"), ("fp8_delayed", "E4M3", "E4M3"), ("fp8_block", "HYBRID", "HYBRID"),
      ("fp8_current", None, "HYBRID"), ("fp8_block", None, "E4M3"), ("mxfp8", None, "E4M3")],
 )  # fmt: skip
-def test_fp8_format_and_recipe_kwargs_reach_the_te_recipe(te_recipe, preset, fp8_format, expected):
-    overrides = [f"precision={preset}", f"fp8_config.format={fp8_format or 'null'}"]
-    recipe = build_fp8_recipe(compose("L0_sanity", overrides))
-    assert type(recipe).__name__ == FP8_RECIPES[compose("L0_sanity", overrides).fp8_config.recipe].te_class
+def test_fp8_format_reaches_the_te_recipe_of_each_preset(te_recipe, name, fp8_format, expected):
+    cfg = copy.deepcopy(preset(name))
+    cfg.fp8_config.format = fp8_format
+    recipe = build_fp8_recipe(cfg)
+    assert type(recipe) is getattr(te_recipe, FP8_RECIPES[cfg.fp8_config.recipe].te_class)
     assert recipe.kwargs == {"fp8_format": te_recipe.Format[expected]}
-    kwargs = "+fp8_config.recipe_kwargs={amax_history_len:1024,amax_compute_algo:max}"  # `+`: a new key on the CLI
-    recipe = build_fp8_recipe(compose("L0_sanity", [*overrides, kwargs]))
+
+
+def test_fp8_recipe_kwargs_reach_the_te_recipe(te_recipe):
+    kwargs = "+fp8_config.recipe_kwargs={amax_history_len:1024,amax_compute_algo:max}"  # `+`: new keys on the CLI
+    recipe = build_fp8_recipe(compose("L0_sanity", ["precision=fp8_delayed", kwargs]))
+    assert type(recipe) is te_recipe.DelayedScaling
     assert recipe.kwargs == {
-        "fp8_format": te_recipe.Format[expected],
+        "fp8_format": te_recipe.Format.HYBRID,
         "amax_history_len": 1024,
         "amax_compute_algo": "max",
     }
 
 
-@pytest.mark.parametrize(
-    ("key", "te_argument"),
-    [
+def test_each_fp4_option_turns_off_its_own_te_feature(te_recipe):
+    defaults = {"disable_stochastic_rounding": False, "disable_rht": False, "disable_2d_quantization": False}
+    recipe = build_fp4_recipe(preset("nvfp4"))
+    assert type(recipe) is te_recipe.NVFP4BlockScaling and recipe.kwargs == defaults
+    for key, te_argument in (
         ("stochastic_rounding", "disable_stochastic_rounding"),
         ("random_hadamard", "disable_rht"),
         ("two_d_weight_quantization", "disable_2d_quantization"),
-    ],
-)
-def test_each_fp4_option_turns_off_its_own_te_feature(te_recipe, key, te_argument):
-    defaults = {"disable_stochastic_rounding": False, "disable_rht": False, "disable_2d_quantization": False}
-    recipe = build_fp4_recipe(compose("L0_sanity", ["precision=nvfp4"]))
-    assert type(recipe) is te_recipe.NVFP4BlockScaling and recipe.kwargs == defaults
-    recipe = build_fp4_recipe(compose("L0_sanity", ["precision=nvfp4", f"fp4_config.{key}=false"]))
-    assert recipe.kwargs == defaults | {te_argument: True}
+    ):
+        cfg = copy.deepcopy(preset("nvfp4"))
+        cfg.fp4_config[key] = False
+        assert build_fp4_recipe(cfg).kwargs == defaults | {te_argument: True}, key
 
 
 def test_fp4_recipe_kwargs_reach_the_te_recipe_and_off_builds_nothing(te_recipe):
@@ -215,5 +224,4 @@ def test_fp4_recipe_kwargs_reach_the_te_recipe_and_off_builds_nothing(te_recipe)
         "fp8_mha": False,
     }
     assert build_fp8_recipe(cfg) is None  # precision=nvfp4: FP8 off
-    bf16 = compose("L0_sanity")
-    assert build_fp8_recipe(bf16) is None and build_fp4_recipe(bf16) is None
+    assert build_fp8_recipe(L0_SANITY) is None and build_fp4_recipe(L0_SANITY) is None  # bf16: neither
