@@ -61,27 +61,27 @@ def assert_share(hits, trials, p, what):
 def test_masking_rates_match_bert_recipe(tokenizer, sample_ids):
     masker = make_masker(tokenizer, crop="head")
     rate = masker.mlm_probability
-    canonical = np.asarray(tokenizer.convert_tokens_to_ids(list(CANONICAL_AMINO_ACIDS)))
-    maskable = selected = masked = 0
-    expected_selected = 0.0
-    canonical_selected = randomised = kept = 0  # selected positions whose residue a random draw could reproduce
+    canonical_ids = tokenizer.convert_tokens_to_ids(list(CANONICAL_AMINO_ACIDS))
+    originals = [np.asarray(ids[:1023] + ids[-1:] if len(ids) > 1024 else ids) for ids in sample_ids]
+    residues = np.asarray([(~np.isin(ids, tokenizer.all_special_ids)).sum() for ids in originals])
+    original = np.concatenate(originals)
+    canonical = np.isin(original, canonical_ids)  # residues a random replacement could draw again
+    maskable = MASKING_EPOCHS * int(residues.sum())
+    # E[max(Binomial(n, p), 1)] = np + (1 - p)^n: each sequence gets one selected residue at least
+    expected_selected = MASKING_EPOCHS * float((residues * rate + (1 - rate) ** residues).sum())
+    selected = masked = canonical_selected = randomised = kept = 0
     for epoch in range(MASKING_EPOCHS):
-        for ids in sample_ids:
-            original = np.asarray(ids[:1023] + ids[-1:] if len(ids) > 1024 else ids)
-            inputs, labels = masker(ids, epoch)
-            chosen = labels != IGNORE_INDEX
-            residues = int((~np.isin(original, tokenizer.all_special_ids)).sum())
-            maskable += residues
-            expected_selected += residues * rate + (1 - rate) ** residues  # E[max(Binomial, 1)]: one at least
-            selected += int(chosen.sum())
-            masked += int((inputs[chosen] == tokenizer.mask_token_id).sum())
-            changed = chosen & (inputs != original) & (inputs != tokenizer.mask_token_id)
-            assert np.isin(inputs[changed], canonical).all()
-            np.testing.assert_array_equal(labels[chosen], original[chosen])
-            replaceable = chosen & np.isin(original, canonical)
-            canonical_selected += int(replaceable.sum())
-            randomised += int((replaceable & changed).sum())
-            kept += int((replaceable & (inputs == original)).sum())
+        rows = [masker(ids, epoch) for ids in sample_ids]
+        inputs, labels = (np.concatenate([row[part] for row in rows]) for part in (0, 1))
+        chosen = labels != IGNORE_INDEX
+        np.testing.assert_array_equal(labels[chosen], original[chosen])
+        changed = chosen & (inputs != original) & (inputs != tokenizer.mask_token_id)
+        assert np.isin(inputs[changed], canonical_ids).all()
+        selected += int(chosen.sum())
+        masked += int((chosen & (inputs == tokenizer.mask_token_id)).sum())
+        canonical_selected += int((chosen & canonical).sum())
+        randomised += int((changed & canonical).sum())
+        kept += int((chosen & canonical & (inputs == original)).sum())
     assert binomial_tolerance(0.8, selected) < 0.005  # the sample is large enough to tell 79% from 80%
     assert_share(selected, maskable, expected_selected / maskable, "selected residues")
     assert_share(masked, selected, 0.80, "<mask> share")
