@@ -42,6 +42,16 @@ def compose(config_name: str = "L0_sanity", overrides: list[str] | None = None):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
+def tiny_esm_config(**overrides):
+    """A two-layer, two-head ESM-2 config of width 16 (rotary, ESM-2's tokens), for tests that build models quickly."""
+    from transformers import EsmConfig
+
+    options = dict(vocab_size=33, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                   position_embedding_type="rotary", pad_token_id=1, mask_token_id=32, token_dropout=True,
+                   max_position_embeddings=64)  # fmt: skip
+    return EsmConfig(**(options | overrides))
+
+
 def read_fasta_sequences(limit: int | None = None) -> list[str]:
     from dataset import read_fasta
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -179,6 +180,89 @@ def test_fused_qkv_is_te_per_head_interleaved_and_w12_is_fc1() -> None:
             assert torch.equal(block[part * head_dim : (part + 1) * head_dim], rows)
     fc1 = te_state["amplify.encoder.layers.1.layernorm_mlp.fc1_weight"]
     assert torch.equal(fc1, public["transformer_encoder.1.ffn.w12.weight"])  # TE's swiglu gates the first half too
+
+
+# TE name -> public name of the per-layer tensors copied unchanged, written out independently of convert_amplify.py.
+TE_FROM_PUBLIC_LAYER = {
+    "self_attention.layernorm_qkv.layer_norm_weight": "attention_norm.weight",  # the RMSNorm before attention
+    "self_attention.proj.weight": "wo.weight",
+    "layernorm_mlp.layer_norm_weight": "ffn_norm.weight",  # the RMSNorm before the SwiGLU
+    "layernorm_mlp.fc1_weight": "ffn.w12.weight",
+    "layernorm_mlp.fc2_weight": "ffn.w3.weight",
+}
+
+
+def distinct_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A tensor of every shape whose values occur nowhere else (tensor i: 100000 (i + 1) + 0, 1, 2, ...)."""
+    assert max(math.prod(shape) for shape in shapes.values()) < 100_000 and len(shapes) < 100  # exact in FP32
+    return {
+        key: (torch.arange(math.prod(shape), dtype=torch.float32) + 100_000 * (index + 1)).reshape(shape)
+        for index, (key, shape) in enumerate(shapes.items())
+    }
+
+
+def per_head(tensor: torch.Tensor, head: int, head_dim: int) -> torch.Tensor:
+    return tensor[head * head_dim : (head + 1) * head_dim]
+
+
+@pytest.mark.parametrize("fuse_qkv", [True, False], ids=["fused_qkv", "separate_qkv"])
+def test_every_tensor_converts_to_its_own_name_both_ways(fuse_qkv: bool) -> None:
+    """The two RMSNorms, the attention output and the MLP projections of tiny_config all have one shape: swapping any
+    of them in both directions would round-trip exactly, so each name is checked against the tensor it must hold."""
+    config = with_te_options(tiny_config(), fuse_qkv)
+    heads, head_dim, vocab, rows = 4, 16, config.vocab_size, 32
+    public = distinct_tensors(amplify_state_dict_shapes(config))
+
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, tensor.new_zeros(rows - vocab, *tensor.shape[1:])])
+
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    expected = {
+        "amplify.embeddings.word_embeddings.weight": padded(public["encoder.weight"]),
+        "amplify.rotary_embeddings.inv_freq": inv_freq,
+        "decoder.layer_norm_weight": public["layer_norm_2.weight"],  # the final RMSNorm
+        "decoder.weight": padded(public["decoder.weight"]),
+        "decoder.bias": padded(public["decoder.bias"]),
+    }
+    for i in range(config.num_hidden_layers):
+        te, src = f"amplify.encoder.layers.{i}.", f"transformer_encoder.{i}."
+        expected |= {te + te_suffix: public[src + suffix] for te_suffix, suffix in TE_FROM_PUBLIC_LAYER.items()}
+        qkv = [public[f"{src}{name}.weight"] for name in "qkv"]
+        if fuse_qkv:
+            fused = [per_head(tensor, h, head_dim) for h in range(heads) for tensor in qkv]
+            expected[f"{te}self_attention.layernorm_qkv.weight"] = torch.cat(fused)
+        else:
+            for name, tensor in zip(("query", "key", "value"), qkv, strict=True):
+                expected[f"{te}self_attention.layernorm_qkv.{name}_weight"] = tensor
+
+    te_state = convert_amplify.convert_amplify_to_te(public, config)
+    assert te_state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(te_state[name], tensor), name
+
+    te_distinct = distinct_tensors(convert_amplify.te_amplify_state_dict_shapes(config))
+    back = convert_amplify.convert_te_to_amplify(te_distinct, config)
+    expected_public = {
+        "encoder.weight": te_distinct["amplify.embeddings.word_embeddings.weight"][:vocab],
+        "layer_norm_2.weight": te_distinct["decoder.layer_norm_weight"],
+        "decoder.weight": te_distinct["decoder.weight"][:vocab],
+        "decoder.bias": te_distinct["decoder.bias"][:vocab],
+    }
+    for i in range(config.num_hidden_layers):
+        te, dst = f"amplify.encoder.layers.{i}.", f"transformer_encoder.{i}."
+        expected_public |= {
+            dst + suffix: te_distinct[te + te_suffix] for te_suffix, suffix in TE_FROM_PUBLIC_LAYER.items()
+        }
+        for part, (short, name) in enumerate(zip("qkv", ("query", "key", "value"), strict=True)):
+            if fuse_qkv:
+                fused = te_distinct[f"{te}self_attention.layernorm_qkv.weight"]
+                tensor = torch.cat([per_head(fused, 3 * h + part, head_dim) for h in range(heads)])
+            else:
+                tensor = te_distinct[f"{te}self_attention.layernorm_qkv.{name}_weight"]
+            expected_public[f"{dst}{short}.weight"] = tensor
+    assert back.keys() == expected_public.keys()
+    for name, tensor in expected_public.items():
+        assert torch.equal(back[name], tensor), name
 
 
 def test_synthetic_public_checkpoint_loads_with_the_reference_logits(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 import torch
+import xxhash
 from conftest import RECIPE_DIR, compose, launch, read_fasta_sequences
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -369,7 +370,7 @@ class Position:
         self.state = dict(state)
 
 
-def tiny_checkpointer(ckpt_dir, parameters=None, model_name="tiny", plan=None):
+def tiny_checkpointer(ckpt_dir, parameters=None, model_name="tiny", plan=None, overrides=(), data=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -378,12 +379,12 @@ def tiny_checkpointer(ckpt_dir, parameters=None, model_name="tiny", plan=None):
     parts = CheckpointParts(
         model_optim=ModelAndOptimizer(model, optimizer, DistributedStateDict()),
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        data=Position(consumed=8),
+        data=data or Position(consumed=8),
         fp8=TEExtraState(model),
         facts={"model": model_name, "parameters": parameters or 15, "num_workers": 0}
         | ({"precision_plan": plan.as_dict()} if plan is not None else {}),
     )
-    cfg = compose("L0_sanity", [f"checkpoint.ckpt_dir={ckpt_dir}", "checkpoint.save_every_n_steps=2"])
+    cfg = compose("L0_sanity", [f"checkpoint.ckpt_dir={ckpt_dir}", "checkpoint.save_every_n_steps=2", *overrides])
     return Checkpointer(cfg.checkpoint, CPU, parts), model
 
 
@@ -466,3 +467,97 @@ def test_rng_states_of_older_checkpoints_still_load_safely(tmp_path):
     torch.save({"numpy": np.random.get_state()}, tmp_path / "old.pt")  # NumPy arrays, as written before
     loaded = load_small_file(tmp_path / "old.pt")["numpy"]
     assert loaded[0] == "MT19937" and (loaded[1] == np.random.get_state()[1]).all()
+
+
+class LargePosition(Position):
+    """A loader position that carries 17 MiB: the rank and train-state files grow past the 16 MiB hashing chunk."""
+
+    def __init__(self):
+        super().__init__(consumed=8)
+        self.state["buffer"] = torch.randint(0, 256, (17 << 20,), dtype=torch.uint8, generator=torch.Generator())
+
+
+def test_a_byte_changed_past_the_first_16_mib_of_a_file_is_caught(tmp_path, caplog):
+    checkpointer, _ = tiny_checkpointer(tmp_path, data=LargePosition())
+    assert checkpointer.save(2) and checkpointer.save(4)
+    rank_file = tmp_path / "step_0000004" / "rank_00000.pt"
+    data = bytearray(rank_file.read_bytes())
+    assert len(data) > (16 << 20) + 4096
+    assert file_digest(rank_file) == xxhash.xxh3_64_hexdigest(bytes(data))  # the whole file, not its first chunk
+    data[-2048] ^= 0xFF  # one byte near the end, size unchanged
+    rank_file.write_bytes(bytes(data))
+    assert verify_manifest(tmp_path / "step_0000004") == (
+        "rank_00000.pt does not match its checksum (changed or corrupted since it was written)"
+    )
+    resumed, _ = tiny_checkpointer(tmp_path, data=LargePosition())
+    with caplog.at_level("WARNING"):
+        assert resumed.resume() == 2
+    assert "Skipping checkpoint" in caplog.text and "rank_00000.pt does not match its checksum" in caplog.text
+
+
+def adam_step(model, optimizer, seed):
+    """One optimizer step on a fixed batch: weights and AdamW state move."""
+    inputs = torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
+    optimizer.zero_grad()
+    model(inputs).square().sum().backward()
+    optimizer.step()
+
+
+def snapshot(model, optimizer):
+    """Copies of the weights and of every AdamW state tensor."""
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    for index, values in optimizer.state_dict()["state"].items():
+        state |= {f"optim.{index}.{k}": torch.as_tensor(v).clone() for k, v in values.items()}
+    return state
+
+
+def assert_same_state(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def test_an_async_save_goes_through_dcp_async_save_holds_the_state_of_its_step_and_resumes_exactly(
+    tmp_path, monkeypatch
+):
+    import torch.distributed.checkpoint as dcp
+
+    calls = []
+    for name in ("save", "async_save"):
+        real = getattr(dcp, name)
+        monkeypatch.setattr(dcp, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    checkpointer, model = tiny_checkpointer(tmp_path, overrides=["checkpoint.async_save=true"])
+    optimizer = checkpointer.parts.model_optim.optimizer
+    at_step_2 = snapshot(model, optimizer)
+    assert checkpointer.save(2)  # staged; written in the background while training goes on
+    assert calls == ["async_save"]
+    adam_step(model, optimizer, seed=1)  # the next step changes weights and optimizer state in place
+    after_step_3 = snapshot(model, optimizer)
+    checkpointer.finish(3, completed=False)  # publishes the pending save
+    assert calls == ["async_save"]
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2]
+    assert verify_manifest(tmp_path / "step_0000002") is None  # complete: every file, size and checksum
+
+    resumed, resumed_model = tiny_checkpointer(tmp_path)
+    resumed_optimizer = resumed.parts.model_optim.optimizer
+    adam_step(resumed_model, resumed_optimizer, seed=2)  # wherever it stood, resuming replaces it
+    assert resumed.resume() == 2
+    assert_same_state(snapshot(resumed_model, resumed_optimizer), at_step_2)
+    adam_step(resumed_model, resumed_optimizer, seed=1)
+    assert_same_state(snapshot(resumed_model, resumed_optimizer), after_step_3)  # training goes on identically
+
+
+@pytest.mark.parametrize("setting", ["step_0000004", "latest", "true"])
+def test_resume_from_a_named_checkpoint_or_the_newest(tmp_path, setting):
+    checkpointer, model = tiny_checkpointer(tmp_path)
+    optimizer = checkpointer.parts.model_optim.optimizer
+    saved = {}
+    for step in (2, 4, 6):
+        adam_step(model, optimizer, seed=step)
+        saved[step] = snapshot(model, optimizer)
+        assert checkpointer.save(step)
+    value = str(tmp_path / setting) if setting.startswith("step_") else setting
+    resumed, resumed_model = tiny_checkpointer(tmp_path, overrides=[f"checkpoint.resume_from_checkpoint={value}"])
+    step = 4 if setting.startswith("step_") else 6
+    assert resumed.resume() == step
+    assert_same_state(snapshot(resumed_model, resumed.parts.model_optim.optimizer), saved[step])

@@ -2,11 +2,12 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_fasta_sequences
+from conftest import read_fasta_sequences, tiny_esm_config
 from safetensors.torch import save_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, EsmConfig, EsmForMaskedLM
 
@@ -289,3 +290,113 @@ def test_unpadded_te_layout_round_trips(model_8m: EsmForMaskedLM) -> None:
     te_state = convert.convert_hf_to_te(model_8m.state_dict(), config)
     assert te_state[convert.EMBEDDING_KEY].shape[0] == 33
     assert_state_dicts_identical(convert.convert_te_to_hf(te_state, config), model_8m.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every tensor under its own name (round trips cannot see a mapping and its inverse both wrong the same way)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# TE name -> transformers name of the tensors copied unchanged, written out here independently of convert.py's tables.
+TE_FROM_HF = {
+    "esm.rotary_embeddings.inv_freq": "esm.rotary_embeddings.inv_freq",
+    "esm.encoder.emb_layer_norm_after.weight": "esm.encoder.emb_layer_norm_after.weight",
+    "esm.encoder.emb_layer_norm_after.bias": "esm.encoder.emb_layer_norm_after.bias",
+    "esm.contact_head.regression_weight": "esm.contact_head.regression.weight",
+    "esm.contact_head.regression_bias": "esm.contact_head.regression.bias",
+    "lm_head.dense.weight": "lm_head.dense.weight",
+    "lm_head.dense.bias": "lm_head.dense.bias",
+    "lm_head.layer_norm.weight": "lm_head.layer_norm.weight",
+    "lm_head.layer_norm.bias": "lm_head.layer_norm.bias",
+}
+TE_FROM_HF_LAYER = {  # esm.encoder.layers.{i}.KEY <- esm.encoder.layer.{i}.VALUE
+    "self_attention.layernorm_qkv.layer_norm_weight": "attention.LayerNorm.weight",  # the LayerNorm before attention
+    "self_attention.layernorm_qkv.layer_norm_bias": "attention.LayerNorm.bias",
+    "self_attention.proj.weight": "attention.output.dense.weight",
+    "self_attention.proj.bias": "attention.output.dense.bias",
+    "layernorm_mlp.layer_norm_weight": "LayerNorm.weight",  # the LayerNorm before the MLP
+    "layernorm_mlp.layer_norm_bias": "LayerNorm.bias",
+    "layernorm_mlp.fc1_weight": "intermediate.dense.weight",
+    "layernorm_mlp.fc1_bias": "intermediate.dense.bias",
+    "layernorm_mlp.fc2_weight": "output.dense.weight",
+    "layernorm_mlp.fc2_bias": "output.dense.bias",
+}
+VOCAB, PADDED_VOCAB, HEADS, HEAD_DIM = 33, 64, 2, 4
+
+
+def tiny_width_8_config(fused: bool) -> EsmConfig:
+    """Two layers, two heads; the MLP as wide as the model, so every projection has the same shape as any other."""
+    config = tiny_esm_config(hidden_size=HEADS * HEAD_DIM, intermediate_size=HEADS * HEAD_DIM)
+    config.fuse_qkv_params = fused
+    return config
+
+
+def distinct_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A tensor of every shape whose values occur nowhere else: tensor i holds 1000 (i + 1) + 0, 1, 2, ..."""
+    return {
+        key: (torch.arange(math.prod(shape), dtype=torch.float32) + 1000 * (index + 1)).reshape(shape)
+        for index, (key, shape) in enumerate(shapes.items())
+    }
+
+
+def interleave_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """TE's fused QKV rows: head 0's q, k, v rows, then head 1's, ..."""
+    rows = [tensor[h * HEAD_DIM : (h + 1) * HEAD_DIM] for h in range(HEADS) for tensor in (query, key, value)]
+    return torch.cat(rows)
+
+
+def padded(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros(PADDED_VOCAB - VOCAB, *tensor.shape[1:])])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "separate_qkv"])
+def test_hf_to_te_puts_every_tensor_under_its_te_name(fused: bool) -> None:
+    config = tiny_width_8_config(fused)
+    hf = distinct_tensors(convert.hf_state_dict_shapes(config))
+    hf[convert.DECODER_KEY] = hf[convert.EMBEDDING_KEY]  # ESM-2 ties them
+    expected = {te: hf[name] for te, name in TE_FROM_HF.items()}
+    expected[convert.EMBEDDING_KEY] = expected[convert.DECODER_KEY] = padded(hf[convert.EMBEDDING_KEY])
+    expected[convert.LM_BIAS_KEY] = padded(hf[convert.LM_BIAS_KEY])
+    for i in range(2):
+        te, src = f"esm.encoder.layers.{i}.", f"esm.encoder.layer.{i}."
+        expected |= {te + te_suffix: hf[src + hf_suffix] for te_suffix, hf_suffix in TE_FROM_HF_LAYER.items()}
+        for kind in ("weight", "bias"):
+            query, key, value = (hf[f"{src}attention.self.{name}.{kind}"] for name in ("query", "key", "value"))
+            if fused:
+                expected[f"{te}self_attention.layernorm_qkv.{kind}"] = interleave_heads(query, key, value)
+            else:
+                for name, tensor in (("query", query), ("key", key), ("value", value)):
+                    expected[f"{te}self_attention.layernorm_qkv.{name}_{kind}"] = tensor
+
+    converted = convert.convert_hf_to_te(hf, config)
+
+    assert converted.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(converted[name], tensor), name
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "separate_qkv"])
+def test_te_to_hf_puts_every_tensor_under_its_hf_name(fused: bool) -> None:
+    config = tiny_width_8_config(fused)
+    te = distinct_tensors(convert.te_state_dict_shapes(config))
+    te[convert.DECODER_KEY] = te[convert.EMBEDDING_KEY]
+    expected = {name: te[te_name] for te_name, name in TE_FROM_HF.items()}
+    expected[convert.EMBEDDING_KEY] = expected[convert.DECODER_KEY] = te[convert.EMBEDDING_KEY][:VOCAB]
+    expected[convert.LM_BIAS_KEY] = te[convert.LM_BIAS_KEY][:VOCAB]
+    for i in range(2):
+        src, hf = f"esm.encoder.layers.{i}.", f"esm.encoder.layer.{i}."
+        expected |= {hf + hf_suffix: te[src + te_suffix] for te_suffix, hf_suffix in TE_FROM_HF_LAYER.items()}
+        for kind in ("weight", "bias"):
+            for part, name in enumerate(("query", "key", "value")):
+                if fused:
+                    fused_rows = te[f"{src}self_attention.layernorm_qkv.{kind}"]
+                    starts = [(3 * h + part) * HEAD_DIM for h in range(HEADS)]
+                    tensor = torch.cat([fused_rows[start : start + HEAD_DIM] for start in starts])
+                else:
+                    tensor = te[f"{src}self_attention.layernorm_qkv.{name}_{kind}"]
+                expected[f"{hf}attention.self.{name}.{kind}"] = tensor
+
+    converted = convert.convert_te_to_hf(te, config)
+
+    assert converted.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(converted[name], tensor), name

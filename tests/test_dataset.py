@@ -319,3 +319,50 @@ def test_a_folder_of_mixed_formats_gets_a_fix_that_works(tmp_path, tokenizer):
     assert "its name says Parquet, but dataset.format=fasta" in load_error(
         tokenizer, tmp_path / "b.parquet", "dataset.format=fasta"
     )
+
+
+def test_a_validation_file_is_the_validation_split_and_nothing_is_held_out(tmp_path, tokenizer, streaming):
+    sequences = read_fasta_sequences(30)
+    (tmp_path / "train.fasta").write_text("".join(f">t{i}\n{seq}\n" for i, seq in enumerate(sequences[:24])))
+    pd.DataFrame({"sequence": sequences[24:]}).to_csv(tmp_path / "held.csv", index=False)  # its own format
+    cfg = data_cfg(tmp_path / "train.fasta", f"dataset.validation_path={tmp_path / 'held.csv'}",
+                   f"dataset.streaming={str(streaming).lower()}", "dataset.validation_size=3")  # fmt: skip
+    splits = load_sequence_splits(cfg, tokenizer, seed=0)
+    assert decoded(tokenizer, splits.validation) == sequences[24:]
+    train = splits.train if not streaming else {"input_ids": [record["input_ids"] for record in splits.train]}
+    assert sorted(decoded(tokenizer, train)) == sorted(sequences[:24])  # validation_size=3 holds nothing out
+
+
+def write_hub_repository(folder, sequences):
+    """A dataset repository as the hub serves it: a README whose `configs` name each configuration's split files.
+
+    `datasets` reads a local folder of this layout exactly as a downloaded hub repository (offline here).
+    """
+    files = {"reviewed/train.csv": sequences[:6], "reviewed/test.csv": sequences[6:8], "all/train.csv": sequences[8:]}
+    for name, part in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"protein": part}).to_csv(folder / name, index=False)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: reviewed\n  data_files:\n  - split: train\n    path: reviewed/train.csv\n"
+        "  - split: test\n    path: reviewed/test.csv\n"
+        "- config_name: all\n  data_files:\n  - split: train\n    path: all/train.csv\n---\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    ("hub_config", "hub_split", "part"), [("reviewed", "test", slice(6, 8)), ("all", None, slice(8, 12))]
+)
+def test_a_hub_dataset_reads_the_configured_configuration_and_split(
+    tmp_path, tokenizer, streaming, hub_config, hub_split, part
+):
+    sequences = read_fasta_sequences(12)
+    repository = write_hub_repository(tmp_path / "proteins", sequences)
+    overrides = ["dataset.format=hub", f"dataset.hub_config={hub_config}", "dataset.sequence_column=protein"]
+    overrides += [f"dataset.hub_split={hub_split}"] if hub_split else []  # default: train
+    cfg = data_cfg(repository, *overrides, f"dataset.streaming={str(streaming).lower()}", "dataset.validation_size=0")
+    train = load_sequence_splits(cfg, tokenizer, seed=0).train
+    train = train if not streaming else {"input_ids": [record["input_ids"] for record in train]}
+    assert decoded(tokenizer, train) == sequences[part]

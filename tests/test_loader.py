@@ -1,5 +1,6 @@
 """Samplers, token-budget packing and the epoch loader: property tests over random length distributions, resumes."""
 
+import copy
 import itertools
 import multiprocessing
 
@@ -333,3 +334,64 @@ def test_epoch_loader_refuses_streaming_resume_on_another_world_size():
     stream = EpochLoader(loader=None, collator=None, world_size=2)
     with pytest.raises(DataConfigError, match="same number of data-parallel ranks"):
         stream.load_state_dict({"epoch": 0, "world_size": 4, "loader": {}})
+
+
+def short_sequences(count):
+    """`count` distinct sample sequences that fit dataset.max_seq_length=256 whole (no crop)."""
+    sequences = list(dict.fromkeys(seq for seq in read_fasta_sequences(400) if len(seq) <= 254))
+    assert len(sequences) >= count
+    return sequences[:count]
+
+
+def write_fasta(path, sequences):
+    path.write_text("".join(f">s{i}\n{seq}\n" for i, seq in enumerate(sequences)))
+    return path
+
+
+def restored_rows(batch, pad_token_id):
+    """Each padded row's token ids with the masked positions' original tokens put back."""
+    original = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+    return [row[row != pad_token_id].tolist() for row in original]
+
+
+def test_a_validation_file_is_what_validation_reads_and_training_keeps_all_of_its_own(tokenizer, tmp_path):
+    sequences = short_sequences(60)
+    train = write_fasta(tmp_path / "train.fasta", sequences[:48])
+    held = write_fasta(tmp_path / "held.fasta", sequences[48:])
+    overrides = [f"dataset.path={train}", f"dataset.validation_path={held}", "dataset.validation_size=0.5"]
+    cfg = compose("L0_sanity", [*overrides, "dataset.num_workers=0", "dataset.micro_batch_size=4"])
+    stream, validation = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
+    rows = [row for batch in validation for row in restored_rows(batch, tokenizer.pad_token_id)]
+    assert rows == tokenizer(sequences[48:])["input_ids"]  # every validation batch, all of the file, in its order
+    assert stream.num_sequences == 48  # validation_size holds nothing out of the training file
+
+
+def test_the_shuffle_buffer_size_bounds_how_far_a_stream_reads_ahead_with_one_order_per_seed(tokenizer, tmp_path):
+    sequences = short_sequences(120)
+    fasta = write_fasta(tmp_path / "stream.fasta", sequences)
+    position = {tuple(ids): index for index, ids in enumerate(tokenizer(sequences)["input_ids"])}
+    overrides = [f"dataset.path={fasta}", "dataset.streaming=true", "dataset.validation_size=0"]
+    streaming = compose("L0_sanity", [*overrides, "dataset.num_workers=0"])
+    orders = {}
+
+    def order(buffer_size, seed=42):
+        """File positions of the first epoch's records, in the order the training stream gives them."""
+        if (buffer_size, seed) not in orders:
+            cfg = copy.deepcopy(streaming)
+            cfg.dataset.shuffle_buffer_size, cfg.seed = buffer_size, seed
+            stream, _ = build_dataloaders(cfg, BatchLayout.from_config(cfg), CPU, tokenizer)
+            batches, drawn = iter(stream), []
+            while len(drawn) < len(sequences):
+                drawn += [position[tuple(row)] for row in restored_rows(next(batches), tokenizer.pad_token_id)]
+            orders[buffer_size, seed] = drawn
+        return orders[buffer_size, seed]
+
+    assert order(1) == list(range(120))  # a buffer of one record: the file's order
+    for buffer_size in (8, 64):
+        drawn = order(buffer_size)
+        assert sorted(drawn) == list(range(120))
+        assert all(index < buffer_size + k for k, index in enumerate(drawn))  # the k-th record: from the first B + k
+    assert any(index >= 8 + k for k, index in enumerate(order(64)))  # the larger buffer reaches further ahead
+    drawn = orders.pop((8, 42))
+    assert order(8) == drawn  # rebuilt: the same order for the same seed
+    assert order(8, seed=7) != drawn

@@ -1,6 +1,10 @@
 """Precision: the presets, NVIDIA-style overrides, the per-layer plan, hardware refusals naming the capability."""
 
 import copy
+import enum
+import functools
+import sys
+import types
 
 import pytest
 import torch
@@ -9,8 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from precision import (
+    FP4_RECIPES,
+    FP8_RECIPES,
     PrecisionConfigError,
     PrecisionPlan,
+    build_fp4_recipe,
+    build_fp8_recipe,
     check_gpu_supports,
     fp8_enabled,
     layer_ranges,
@@ -137,3 +145,83 @@ def test_nvfp4_on_hopper_is_refused_with_the_compute_capability(monkeypatch):
         "but NVIDIA H200 has compute capability 9.0. Use FP8 or BF16 on this GPU."
     )
     assert token_multiple(cfg) == 32  # NVFP4 blocks of 16 values; its GEMMs want 32-token multiples
+
+
+class RecordedRecipe:
+    """A TE recipe class stand-in that keeps the arguments it was built with."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+@pytest.fixture
+def te_recipe(monkeypatch):
+    """`transformer_engine.common.recipe` as a stub module (TE needs CUDA): the recipes precision.py builds are seen."""
+    recipe = types.ModuleType("transformer_engine.common.recipe")
+    recipe.Format = enum.Enum("Format", ["E4M3", "HYBRID", "E2M1"])
+    for name in [*FP8_RECIPES, *FP4_RECIPES]:
+        setattr(recipe, name, type(name, (RecordedRecipe,), {}))
+    common = types.ModuleType("transformer_engine.common")
+    common.recipe = recipe
+    package = types.ModuleType("transformer_engine")
+    package.common = common
+    for name, module in (("", package), (".common", common), (".common.recipe", recipe)):
+        monkeypatch.setitem(sys.modules, f"transformer_engine{name}", module)
+    return recipe
+
+
+@functools.cache
+def preset(name):
+    return compose("L0_sanity", [f"precision={name}"])
+
+
+@pytest.mark.parametrize(
+    ("name", "fp8_format", "expected"),
+    [("fp8_delayed", None, "HYBRID"), ("fp8_delayed", "E4M3", "E4M3"), ("fp8_block", "HYBRID", "HYBRID"),
+     ("fp8_current", None, "HYBRID"), ("fp8_block", None, "E4M3"), ("mxfp8", None, "E4M3")],
+)  # fmt: skip
+def test_fp8_format_reaches_the_te_recipe_of_each_preset(te_recipe, name, fp8_format, expected):
+    cfg = copy.deepcopy(preset(name))
+    cfg.fp8_config.format = fp8_format
+    recipe = build_fp8_recipe(cfg)
+    assert type(recipe) is getattr(te_recipe, FP8_RECIPES[cfg.fp8_config.recipe].te_class)
+    assert recipe.kwargs == {"fp8_format": te_recipe.Format[expected]}
+
+
+def test_fp8_recipe_kwargs_reach_the_te_recipe(te_recipe):
+    kwargs = "+fp8_config.recipe_kwargs={amax_history_len:1024,amax_compute_algo:max}"  # `+`: new keys on the CLI
+    recipe = build_fp8_recipe(compose("L0_sanity", ["precision=fp8_delayed", kwargs]))
+    assert type(recipe) is te_recipe.DelayedScaling
+    assert recipe.kwargs == {
+        "fp8_format": te_recipe.Format.HYBRID,
+        "amax_history_len": 1024,
+        "amax_compute_algo": "max",
+    }
+
+
+def test_each_fp4_option_turns_off_its_own_te_feature(te_recipe):
+    defaults = {"disable_stochastic_rounding": False, "disable_rht": False, "disable_2d_quantization": False}
+    recipe = build_fp4_recipe(preset("nvfp4"))
+    assert type(recipe) is te_recipe.NVFP4BlockScaling and recipe.kwargs == defaults
+    for key, te_argument in (
+        ("stochastic_rounding", "disable_stochastic_rounding"),
+        ("random_hadamard", "disable_rht"),
+        ("two_d_weight_quantization", "disable_2d_quantization"),
+    ):
+        cfg = copy.deepcopy(preset("nvfp4"))
+        cfg.fp4_config[key] = False
+        assert build_fp4_recipe(cfg).kwargs == defaults | {te_argument: True}, key
+
+
+def test_fp4_recipe_kwargs_reach_the_te_recipe_and_off_builds_nothing(te_recipe):
+    cfg = compose("L0_sanity", ["precision=nvfp4", "+fp4_config.recipe_kwargs={fp8_dpa:true,fp8_mha:false}"])
+    recipe = build_fp4_recipe(cfg)
+    assert recipe.kwargs == {
+        "disable_stochastic_rounding": False,
+        "disable_rht": False,
+        "disable_2d_quantization": False,
+        "fp8_dpa": True,
+        "fp8_mha": False,
+    }
+    assert build_fp8_recipe(cfg) is None  # precision=nvfp4: FP8 off
+    assert build_fp8_recipe(L0_SANITY) is None and build_fp4_recipe(L0_SANITY) is None  # bf16: neither

@@ -157,7 +157,7 @@ def test_nvfp4_layers_get_their_own_feature_and_fp8_weights_only_scales():
 
 def test_nvdlfw_inspect_reads_the_yaml_and_selects_exactly_those_layers(tmp_path, monkeypatch):
     """The written file through nvdlfw-inspect's own config parser and layer matching (no TE needed for that)."""
-    pytest.importorskip("nvdlfw_inspect")
+    pytest.importorskip("nvdlfw_inspect", reason="nvdlfw-inspect (requirements.txt) is not installed")
     from nvdlfw_inspect import logging as inspect_logging
     from nvdlfw_inspect.config_manager import ConfigManager
 

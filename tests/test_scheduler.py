@@ -187,3 +187,26 @@ def test_a_second_extension_goes_on_from_the_first():
     assert again == pytest.approx({step: first[step] for step in range(25, 31)}, rel=1e-12)
     longer = resumed(scheduler.state_dict(), 60, 60, min_lr_ratio=0.05)
     assert longer[25] == pytest.approx(1e-4) and longer[54] == pytest.approx(5e-5)
+
+
+@pytest.mark.parametrize("min_lr_ratio", [0.0, 0.25])
+def test_the_config_sets_the_floor_the_decay_ends_at(min_lr_ratio):
+    """lr_scheduler.min_lr_ratio reaches the schedule: the decay ends at that fraction of the peak and stays there."""
+    from conftest import compose
+
+    from training import build_scheduler
+
+    overrides = ["num_train_steps=100", "lr_scheduler.warmup_steps=10", "lr_scheduler.decay_fraction=0.5"]
+    cfg = compose("L0_sanity", [*overrides, f"lr_scheduler.min_lr_ratio={min_lr_ratio}", "optimizer.lr=1e-3"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optimizer.lr)
+    scheduler = build_scheduler(cfg, optimizer)
+    values = [scheduler.get_last_lr()[0]]
+    for _ in range(100):
+        optimizer.step()
+        scheduler.step()
+        values.append(scheduler.get_last_lr()[0])
+    floor = min_lr_ratio * 1e-3
+    assert values[10] == pytest.approx(1e-3)  # the peak after warm-up
+    assert values[30] == pytest.approx((1e-3 + floor) / 2)  # linear: halfway between peak and floor
+    assert values[50:] == pytest.approx([floor] * 51, abs=1e-12)  # the floor from the decay's end (step 50) on
+    assert values[49] > floor
