@@ -30,8 +30,6 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-from errors import RecipeError
-
 AMPLIFY_MODEL_TYPE = "AMPLIFY"
 ROPE_THETA = 10000.0  # fixed in AMPLIFY's rotary.py; the public config.json has no key for it
 SWIGLU_MULTIPLE = 8
@@ -149,7 +147,7 @@ def amplify_state_dict_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class CheckpointKeysError(RecipeError, KeyError):
+class CheckpointKeysError(KeyError):
     """A KeyError whose message prints as written (KeyError's own str() shows the repr of its argument)."""
 
     def __str__(self) -> str:

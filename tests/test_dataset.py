@@ -321,6 +321,7 @@ def test_a_folder_of_mixed_formats_gets_a_fix_that_works(tmp_path, tokenizer):
     )
 
 
+@pytest.mark.parametrize("streaming", [False, True])
 def test_a_validation_file_is_the_validation_split_and_nothing_is_held_out(tmp_path, tokenizer, streaming):
     sequences = read_fasta_sequences(30)
     (tmp_path / "train.fasta").write_text("".join(f">t{i}\n{seq}\n" for i, seq in enumerate(sequences[:24])))
