@@ -49,7 +49,7 @@ def exit_refused(message: str, shared: bool = True) -> NoReturn:
         _await_launcher_stop(RANK_0_GRACE_S)
     text = message if rank == 0 or not shared else f"[rank {rank}] {message}"
     if logging.getLogger().handlers:  # inside a run: to the console and the run's log file alike
-        logger.error("%s", text)
+        logger.error(text)  # as the message itself: a rank's log prefix sees it is there already
     else:  # before logging is set up (the command line itself is refused)
         sys.stderr.write(f"Error: {text}\n")
     for handler in logging.getLogger().handlers:
